@@ -1,0 +1,8 @@
+"""hf_ext: recent training methods for the Hugging Face stack, each turned on by one argument."""
+
+__version__ = "0.1.0"
+
+from .trainers import GRPOConfig, GRPOTrainer  # noqa: E402
+
+
+__all__ = ["GRPOConfig", "GRPOTrainer", "__version__"]

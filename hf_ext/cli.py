@@ -1,0 +1,83 @@
+"""`hf-ext`: the command line, in TRL's shape.
+
+    hf-ext grpo --config examples/configs/grpo_ba.yaml [--any_field value] [--accelerate_config multi_gpu]
+    hf-ext env
+
+Training commands parse the recipe first (so a bad field fails before anything launches), then hand the script to
+`accelerate launch`; YAML keys and flags that are no training field (`num_processes: 2`, `--multi_gpu`...) go to
+accelerate, as with `trl grpo`.
+"""
+
+import argparse
+import importlib
+import platform
+import sys
+from importlib.resources import files
+
+
+TRAINING_COMMANDS = {"grpo": "Train with GRPO (hf_ext loss types included), through accelerate launch."}
+
+
+def _without(args: list[str], removed: list[str]) -> list[str]:
+    """`args` with the ordered subsequence `removed` taken out."""
+    pending = iter(removed)
+    current = next(pending, None)
+    kept = []
+    for arg in args:
+        if arg == current:
+            current = next(pending, None)
+        else:
+            kept.append(arg)
+    return kept
+
+
+def launch_training(command: str, argv: list[str]) -> int:
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+
+    script = importlib.import_module(f"hf_ext.scripts.{command}")
+    parser = script.make_parser(prog=f"hf-ext {command}")
+    *_, config_rest, cli_rest = parser.parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    launch_args = resolve_accelerate_config_argument(config_rest + cli_rest)
+    script_path = str(files("hf_ext.scripts").joinpath(f"{command}.py"))
+    launch_command(launch_command_parser().parse_args([*launch_args, script_path, *_without(argv, cli_rest)]))
+    return 0
+
+
+def print_env() -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    print(f"platform: {platform.platform()}\npython: {platform.python_version()}")
+    for name in ("hf-ext", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "triton",
+                 "bitsandbytes", "huggingface_hub"):
+        try:
+            print(f"{name}: {version(name)}")
+        except PackageNotFoundError:
+            print(f"{name}: not installed")
+    print(f"cuda available: {torch.cuda.is_available()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="hf-ext", description="hf_ext training methods for the HF stack.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in TRAINING_COMMANDS.items():
+        commands.add_parser(name, help=help_text, add_help=False)
+    commands.add_parser("env", help="Print versions and devices, for bug reports.")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in TRAINING_COMMANDS:
+        return launch_training(command, rest)
+    parser.parse_args(argv)  # "env", or an error listing the valid commands
+    return print_env()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,20 @@
+"""The embedded default: a tiny causal LM, its tokenizer and a verifiable task, all built from code.
+
+Nothing here is downloaded. ``EMBEDDED_MODEL`` and ``EMBEDDED_TASK`` are the names the scripts accept in place
+of a Hub id or local path (``--model_name_or_path`` / ``--dataset_name``).
+"""
+
+from .model import EMBEDDED_MODEL, build_tokenizer, build_tiny_model, materialize_model, resolve_model
+from .task import EMBEDDED_TASK, count_dataset, count_reward
+
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "EMBEDDED_TASK",
+    "build_tiny_model",
+    "build_tokenizer",
+    "count_dataset",
+    "count_reward",
+    "materialize_model",
+    "resolve_model",
+]

@@ -1,0 +1,139 @@
+"""Balanced Aggregation (BA) of GRPO token losses — Zeng et al., arXiv 2605.04077.
+
+Within each group of G completions of one prompt, split the rows by the sign of their advantage,
+S+ = {i : A_i > tol} and S- = {i : A_i < -tol}, with n_s rows and L_s loss tokens each. Then
+
+    L_BA(q) = (n+/G) * (1/L+) * sum_{i in S+} sum_t l_{i,t}  +  (n-/G) * (1/L-) * sum_{i in S-} sum_t l_{i,t}
+
+a token mean inside each sign subset, the two subsets weighted by their share of the group (an empty subset's
+term is dropped). The batch loss is the mean of L_BA over groups. Equivalently, per row,
+
+    L_BA(q) = (1/G) * sum_i (1/Lbar_{s(i)}) * sum_t l_{i,t},     Lbar_s = L_s / n_s,
+
+i.e. TRL's ``grpo`` aggregation with each row's own length replaced by the mean length of its same-sign
+peers. Rows with no loss tokens or with |A_i| <= tol belong to no subset (G still counts them).
+
+Pure torch, no TRL import: ``balanced_aggregation`` is the group-wise formula (the test oracle),
+``ba_row_lengths`` + ``ba_aggregate`` the per-row form the trainer uses, ``ba_group_metrics`` what it logs.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SignSplit:
+    """Per-group sign subsets. Shapes: masks (Q, G), counts and token totals (Q,)."""
+
+    positive: torch.Tensor
+    negative: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def num_pos(self) -> torch.Tensor:
+        return self.positive.sum(1)
+
+    @property
+    def num_neg(self) -> torch.Tensor:
+        return self.negative.sum(1)
+
+    @property
+    def tokens_pos(self) -> torch.Tensor:
+        return (self.lengths * self.positive).sum(1)
+
+    @property
+    def tokens_neg(self) -> torch.Tensor:
+        return (self.lengths * self.negative).sum(1)
+
+
+def split_by_sign(lengths: torch.Tensor, advantages: torch.Tensor, num_generations: int, sign_tolerance: float):
+    """Group rows (consecutive runs of ``num_generations``) and mark each row's sign subset.
+
+    ``lengths`` are loss-token counts per row (N,), ``advantages`` (N,); N must be a multiple of G.
+    """
+    if lengths.shape != advantages.shape or lengths.dim() != 1:
+        raise ValueError(f"lengths {tuple(lengths.shape)} and advantages {tuple(advantages.shape)} must be equal 1-D")
+    if lengths.numel() % num_generations != 0:
+        raise ValueError(f"{lengths.numel()} rows do not split into groups of num_generations={num_generations}")
+    lengths = lengths.double().view(-1, num_generations)
+    advantages = advantages.double().view(-1, num_generations)
+    alive = lengths > 0
+    return SignSplit(
+        positive=(advantages > sign_tolerance) & alive,
+        negative=(advantages < -sign_tolerance) & alive,
+        lengths=lengths,
+    )
+
+
+def ba_row_lengths(
+    lengths: torch.Tensor, advantages: torch.Tensor, num_generations: int, sign_tolerance: float = 1e-6
+) -> torch.Tensor:
+    """Mean loss-token length of each row's same-sign subset in its group (N,), float64.
+
+    Rows in no subset keep their own length (at least 1), so their weight is the ``grpo`` one.
+    """
+    split = split_by_sign(lengths, advantages, num_generations, sign_tolerance)
+    mean_pos = split.tokens_pos / split.num_pos.clamp(min=1)
+    mean_neg = split.tokens_neg / split.num_neg.clamp(min=1)
+    own = split.lengths.clamp(min=1)
+    row_lengths = torch.where(split.positive, mean_pos[:, None], torch.where(split.negative, mean_neg[:, None], own))
+    return row_lengths.flatten()
+
+
+def ba_aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, row_lengths: torch.Tensor) -> torch.Tensor:
+    """Per-row form: mean over rows of (masked token sum / same-sign mean length)."""
+    row_sums = (per_token_loss * mask).sum(-1)
+    return (row_sums / row_lengths.to(row_sums.dtype)).mean()
+
+
+def balanced_aggregation(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    num_generations: int,
+    sign_tolerance: float = 1e-6,
+) -> torch.Tensor:
+    """Group-wise formula of the paper: mean over groups of (n+/G)/L+ * sum_{S+} + (n-/G)/L- * sum_{S-}.
+
+    ``per_token_loss`` and ``mask`` are (N, T) with rows grouped consecutively, ``advantages`` (N,).
+    """
+    lengths = mask.sum(-1)
+    split = split_by_sign(lengths, advantages, num_generations, sign_tolerance)
+    row_sums = (per_token_loss * mask).sum(-1).view(-1, num_generations)
+    group_loss = row_sums.new_zeros(row_sums.shape[0])
+    for subset, count, tokens in (
+        (split.positive, split.num_pos, split.tokens_pos),
+        (split.negative, split.num_neg, split.tokens_neg),
+    ):
+        weight = torch.where(count > 0, count / (num_generations * tokens.clamp(min=1)), 0.0)
+        group_loss = group_loss + weight.to(row_sums.dtype) * (row_sums * subset).sum(1)
+    return group_loss.mean()
+
+
+def ba_group_metrics(
+    lengths: torch.Tensor, advantages: torch.Tensor, num_generations: int, sign_tolerance: float = 1e-6
+) -> dict[str, float]:
+    """Diagnostics over one generation batch.
+
+    ``pos_weight``/``neg_weight``: mean n+/G and n-/G over groups with both signs (the weight BA gives each
+    sign); ``token_agg_pos_share``: mean L+/(L+ + L-) over the same groups (what token aggregation would give);
+    ``len_gap``: mean (Lbar+ - Lbar-); ``no_signal_frac``: share of groups with no row in S+ or S-.
+    """
+    split = split_by_sign(lengths, advantages, num_generations, sign_tolerance)
+    mixed = (split.num_pos > 0) & (split.num_neg > 0)
+    silent = (split.num_pos == 0) & (split.num_neg == 0)
+    nan = float("nan")
+
+    def mean_over_mixed(values: torch.Tensor) -> float:
+        return values[mixed].mean().item() if mixed.any() else nan
+
+    mean_pos = split.tokens_pos / split.num_pos.clamp(min=1)
+    mean_neg = split.tokens_neg / split.num_neg.clamp(min=1)
+    return {
+        "pos_weight": mean_over_mixed(split.num_pos / num_generations),
+        "neg_weight": mean_over_mixed(split.num_neg / num_generations),
+        "token_agg_pos_share": mean_over_mixed(split.tokens_pos / (split.tokens_pos + split.tokens_neg).clamp(min=1)),
+        "len_gap": mean_over_mixed(mean_pos - mean_neg),
+        "no_signal_frac": silent.double().mean().item(),
+    }

@@ -1,0 +1,1 @@
+"""Training scripts behind `hf-ext <command>` and `examples/*.py`: `make_parser()` + `main(...)`, as in TRL."""
