@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
 
@@ -65,13 +66,19 @@ def materialize_model(directory: str | os.PathLike | None = None) -> Path:
     """Save the tiny model and tokenizer to ``directory`` (default: the hf_ext cache) and return its path.
 
     Safe to call from several processes at once: each writes to a private folder, then renames it into place.
+    Weights are written with safetensors directly, because ``save_pretrained`` writes them on distributed rank 0
+    only and every rank here may be the one whose copy lands.
     """
     target = Path(directory) if directory is not None else default_cache_dir() / f"tiny-qwen2-seed{MODEL_SEED}"
     if (target / "config.json").exists():
         return target
     staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     tokenizer = build_tokenizer()
-    build_tiny_model(tokenizer).save_pretrained(staging)
+    model = build_tiny_model(tokenizer)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(staging)
+    model.generation_config.save_pretrained(staging)
+    save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(staging)
     try:
         staging.rename(target)

@@ -8,13 +8,13 @@ S+ = {i : A_i > tol} and S- = {i : A_i < -tol}, with n_s rows and L_s loss token
 a token mean inside each sign subset, the two subsets weighted by their share of the group (an empty subset's
 term is dropped). The batch loss is the mean of L_BA over groups. Equivalently, per row,
 
-    L_BA(q) = (1/G) * sum_i (1/Lbar_{s(i)}) * sum_t l_{i,t},     Lbar_s = L_s / n_s,
+    L_BA(q) = (1/G) * sum_{i in S+ or S-} (1/Lbar_{s(i)}) * sum_t l_{i,t},     Lbar_s = L_s / n_s,
 
 i.e. TRL's ``grpo`` aggregation with each row's own length replaced by the mean length of its same-sign
-peers. Rows with no loss tokens or with |A_i| <= tol belong to no subset (G still counts them).
+peers. Rows with no loss tokens or with |A_i| <= tol belong to no subset: weight 0, but G still counts them.
 
 Pure torch, no TRL import: ``balanced_aggregation`` is the group-wise formula (the test oracle),
-``ba_row_lengths`` + ``ba_aggregate`` the per-row form the trainer uses, ``ba_group_metrics`` what it logs.
+``ba_row_weights`` + ``ba_aggregate`` the per-row form the trainer uses, ``ba_group_metrics`` what it logs.
 """
 
 from dataclasses import dataclass
@@ -66,25 +66,23 @@ def split_by_sign(lengths: torch.Tensor, advantages: torch.Tensor, num_generatio
     )
 
 
-def ba_row_lengths(
+def ba_row_weights(
     lengths: torch.Tensor, advantages: torch.Tensor, num_generations: int, sign_tolerance: float = 1e-6
 ) -> torch.Tensor:
-    """Mean loss-token length of each row's same-sign subset in its group (N,), float64.
-
-    Rows in no subset keep their own length (at least 1), so their weight is the ``grpo`` one.
-    """
+    """Per row, 1 / (mean loss-token length of its same-sign subset in its group); 0 outside S+ and S-. (N,) float64."""
     split = split_by_sign(lengths, advantages, num_generations, sign_tolerance)
-    mean_pos = split.tokens_pos / split.num_pos.clamp(min=1)
-    mean_neg = split.tokens_neg / split.num_neg.clamp(min=1)
-    own = split.lengths.clamp(min=1)
-    row_lengths = torch.where(split.positive, mean_pos[:, None], torch.where(split.negative, mean_neg[:, None], own))
-    return row_lengths.flatten()
+    inv_mean_pos = split.num_pos / split.tokens_pos.clamp(min=1)
+    inv_mean_neg = split.num_neg / split.tokens_neg.clamp(min=1)
+    weights = torch.where(split.positive, inv_mean_pos[:, None], 0.0) + torch.where(
+        split.negative, inv_mean_neg[:, None], 0.0
+    )
+    return weights.flatten()
 
 
-def ba_aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, row_lengths: torch.Tensor) -> torch.Tensor:
-    """Per-row form: mean over rows of (masked token sum / same-sign mean length)."""
+def ba_aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    """Per-row form: mean over rows of (masked token sum * row weight)."""
     row_sums = (per_token_loss * mask).sum(-1)
-    return (row_sums / row_lengths.to(row_sums.dtype)).mean()
+    return (row_sums * row_weights.to(row_sums.dtype)).mean()
 
 
 def balanced_aggregation(

@@ -5,8 +5,8 @@ Every loss type TRL accepts runs unchanged through TRL's own code. The hf_ext lo
 
 ``loss_type="ba"`` (Balanced Aggregation, arXiv 2605.04077; math in ``hf_ext.losses.ba``): the clipped surrogate
 is linear in a positive rescaling of the advantage, so BA is TRL's ``grpo`` path run with
-``A_i * |o_i| / Lbar_{s(i)}``, where ``Lbar`` is the mean loss-token length of the row's same-sign peers. That
-scale is computed at generation time from *global* group statistics (gathered lengths and advantages) and carried
+``A_i * |o_i| / Lbar_{s(i)}``, where ``Lbar`` is the mean loss-token length of the row's same-sign peers (and
+``A_i * 0`` for ties, which BA leaves out). That scale is computed at generation time from *global* group statistics (gathered lengths and advantages) and carried
 per row, so the loss is exact under TRL's row shuffling, gradient accumulation and any number of processes.
 """
 
@@ -19,7 +19,7 @@ import torch
 import trl
 from accelerate.utils import gather
 
-from ..losses.ba import ba_group_metrics, ba_row_lengths
+from ..losses.ba import ba_group_metrics, ba_row_weights
 
 
 TRL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16
@@ -140,16 +140,16 @@ class GRPOTrainer(trl.GRPOTrainer):
             return super()._compute_loss(model, inputs)
 
     def _ba_advantage_scale(self, output) -> torch.Tensor:
-        """Per local row, |o_i| / Lbar_{s(i)} from the global group statistics; logs BA's side weights."""
+        """Per local row, |o_i| / Lbar_{s(i)} (0 for ties) from the global group statistics; logs BA's weights."""
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
         lengths = loss_mask.sum(1).float()
         all_lengths, all_advantages = gather(lengths), gather(output["advantages"].float())
         tolerance = self.args.ba_sign_tolerance
-        row_lengths = ba_row_lengths(all_lengths, all_advantages, num_generations, tolerance)
+        weights = ba_row_weights(all_lengths, all_advantages, num_generations, tolerance)
         local = slice(self.accelerator.process_index * len(lengths), (self.accelerator.process_index + 1) * len(lengths))
-        scale = torch.where(lengths > 0, lengths.double() / row_lengths[local], 1.0)
+        scale = lengths.double() * weights[local]
         for name, value in ba_group_metrics(all_lengths, all_advantages, num_generations, tolerance).items():
             self._metrics[mode][f"ba/{name}"].append(value)
         return scale.to(output["advantages"].dtype)
