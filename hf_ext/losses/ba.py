@@ -119,19 +119,16 @@ def ba_group_metrics(
     ``len_gap``: mean (Lbar+ - Lbar-); ``no_signal_frac``: share of groups with no row in S+ or S-.
     """
     split = split_by_sign(lengths, advantages, num_generations, sign_tolerance)
-    mixed = (split.num_pos > 0) & (split.num_neg > 0)
-    silent = (split.num_pos == 0) & (split.num_neg == 0)
-    nan = float("nan")
-
-    def mean_over_mixed(values: torch.Tensor) -> float:
-        return values[mixed].mean().item() if mixed.any() else nan
-
+    mixed = ((split.num_pos > 0) & (split.num_neg > 0)).double()
+    silent = ((split.num_pos == 0) & (split.num_neg == 0)).double()
     mean_pos = split.tokens_pos / split.num_pos.clamp(min=1)
     mean_neg = split.tokens_neg / split.num_neg.clamp(min=1)
-    return {
-        "pos_weight": mean_over_mixed(split.num_pos / num_generations),
-        "neg_weight": mean_over_mixed(split.num_neg / num_generations),
-        "token_agg_pos_share": mean_over_mixed(split.tokens_pos / (split.tokens_pos + split.tokens_neg).clamp(min=1)),
-        "len_gap": mean_over_mixed(mean_pos - mean_neg),
-        "no_signal_frac": silent.double().mean().item(),
-    }
+    per_group = torch.stack([
+        split.num_pos / num_generations,
+        split.num_neg / num_generations,
+        split.tokens_pos / (split.tokens_pos + split.tokens_neg).clamp(min=1),
+        mean_pos - mean_neg,
+    ])
+    over_mixed = (per_group * mixed).sum(1) / mixed.sum()  # 0/0 = NaN when no group has both signs
+    values = torch.cat([over_mixed, silent.mean()[None]]).tolist()  # one device sync
+    return dict(zip(("pos_weight", "neg_weight", "token_agg_pos_share", "len_gap", "no_signal_frac"), values))

@@ -95,6 +95,9 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    # Let every rank's last collective finish and its gloo worker threads drop their tensors before the group goes:
+    # otherwise freeing the DDP reducer can deadlock at exit (seen on CPU/gloo with torch 2.13, about 1 run in 5).
+    trainer.accelerator.wait_for_everyone()
     trainer.end()
     return trainer
 

@@ -143,7 +143,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         """Per local row, |o_i| / Lbar_{s(i)} (0 for ties) from the global group statistics; logs BA's weights."""
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
+        loss_mask = output["completion_mask"]
+        if "tool_mask" in output:
+            loss_mask = loss_mask * output["tool_mask"]
         lengths = loss_mask.sum(1).float()
         all_lengths, all_advantages = gather(lengths), gather(output["advantages"].float())
         tolerance = self.args.ba_sign_tolerance
