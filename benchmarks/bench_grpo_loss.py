@@ -30,12 +30,18 @@ NUM_GENERATIONS = 8
 
 def make_trainer(device: str) -> GRPOTrainer:
     args = GRPOConfig(
-        output_dir=tempfile.mkdtemp(), loss_type="ba", num_generations=NUM_GENERATIONS,
-        per_device_train_batch_size=NUM_GENERATIONS, use_cpu=device == "cpu", bf16=False,
-        gradient_checkpointing=False, report_to="none",
+        output_dir=tempfile.mkdtemp(),
+        loss_type="ba",
+        num_generations=NUM_GENERATIONS,
+        per_device_train_batch_size=NUM_GENERATIONS,
+        use_cpu=device == "cpu",
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
     )
-    trainer = GRPOTrainer(model=str(materialize_model()), reward_funcs=count_reward, args=args,
-                          train_dataset=count_dataset(8))
+    trainer = GRPOTrainer(
+        model=str(materialize_model()), reward_funcs=count_reward, args=args, train_dataset=count_dataset(8)
+    )
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     return trainer
@@ -48,9 +54,12 @@ def make_batch(rows: int, width: int, device: str, seed: int = 0) -> dict:
     rewards = torch.randint(0, 2, (rows // NUM_GENERATIONS, NUM_GENERATIONS), generator=generator).double()
     advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).flatten()
     batch = {
-        "prompt_ids": torch.zeros(rows, 1, dtype=torch.long), "prompt_mask": torch.ones(rows, 1, dtype=torch.long),
-        "completion_ids": torch.zeros(rows, width, dtype=torch.long), "completion_mask": completion_mask,
-        "advantages": advantages.float(), "num_items_in_batch": completion_mask.sum(),
+        "prompt_ids": torch.zeros(rows, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(rows, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(rows, width, dtype=torch.long),
+        "completion_mask": completion_mask,
+        "advantages": advantages.float(),
+        "num_items_in_batch": completion_mask.sum(),
         "old_per_token_logps": -torch.rand(rows, width, generator=generator) * 3,
     }
     return {name: value.to(device) for name, value in batch.items()}
@@ -78,6 +87,23 @@ def interleaved_medians_ms(fns: dict, device: str, repeats: int) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def measure(trainer: GRPOTrainer, rows: int, width: int, device: str, repeats: int) -> dict:
+    batch = make_batch(rows, width, device)
+    logps = (batch["old_per_token_logps"] + 0.01).requires_grad_(True)
+    entropies = torch.ones_like(logps)
+    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logps, entropies, None)
+    ba_batch = {**batch, "ba_advantage_scale": trainer._ba_advantage_scale(batch)}
+    return interleaved_medians_ms(
+        {
+            "dapo": lambda: loss_step(trainer, "dapo", batch, logps),
+            "ba": lambda: loss_step(trainer, "ba", ba_batch, logps),
+            "gen": lambda: trainer._ba_advantage_scale(batch),
+        },
+        device,
+        repeats,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -88,25 +114,16 @@ def main() -> None:
 
     trainer = make_trainer(cli.device)
     print(f"device={cli.device} torch={torch.__version__} G={NUM_GENERATIONS}")
-    print(f"{'rows':>6} {'T':>6} {'dapo ms':>9} {'ba ms':>9} {'ba/dapo':>8} {'ba gen-step ms':>15} "
-          f"{'(ba+gen)/dapo':>14}")
+    print(
+        f"{'rows':>6} {'T':>6} {'dapo ms':>9} {'ba ms':>9} {'ba/dapo':>8} {'ba gen-step ms':>15} {'(ba+gen)/dapo':>14}"
+    )
     for rows in cli.rows:
         for width in cli.widths:
-            batch = make_batch(rows, width, cli.device)
-            logps = (batch["old_per_token_logps"] + 0.01).requires_grad_(True)
-            entropies = torch.ones_like(logps)
-            trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logps, entropies, None)
-            ba_batch = {**batch, "ba_advantage_scale": trainer._ba_advantage_scale(batch)}
-            ms = interleaved_medians_ms(
-                {
-                    "dapo": lambda: loss_step(trainer, "dapo", batch, logps),
-                    "ba": lambda: loss_step(trainer, "ba", ba_batch, logps),
-                    "gen": lambda: trainer._ba_advantage_scale(batch),
-                },
-                cli.device, cli.repeats,
+            ms = measure(trainer, rows, width, cli.device, cli.repeats)
+            print(
+                f"{rows:>6} {width:>6} {ms['dapo']:>9.3f} {ms['ba']:>9.3f} {ms['ba'] / ms['dapo']:>8.3f} "
+                f"{ms['gen']:>15.3f} {(ms['ba'] + ms['gen']) / ms['dapo']:>14.3f}"
             )
-            print(f"{rows:>6} {width:>6} {ms['dapo']:>9.3f} {ms['ba']:>9.3f} {ms['ba'] / ms['dapo']:>8.3f} "
-                  f"{ms['gen']:>15.3f} {(ms['ba'] + ms['gen']) / ms['dapo']:>14.3f}")
 
 
 if __name__ == "__main__":

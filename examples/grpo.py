@@ -11,10 +11,10 @@ Two CPU processes (accelerate needs --multi_gpu plus the recipe's `use_cpu: true
 
     accelerate launch --multi_gpu --num_processes 2 examples/grpo.py --config examples/configs/grpo_ba.yaml
 
-A real model on GPUs (any Hub id or local path; any dataset with a "prompt" column and a reward by import path):
+A real model on GPUs (any Hub id or local path; a dataset with "prompt" and "solution" columns for this reward):
 
     accelerate launch --multi_gpu --num_processes 8 examples/grpo.py --config examples/configs/grpo_ba.yaml \\
-        --model_name_or_path Qwen/Qwen2.5-1.5B-Instruct --dataset_name YOUR/DATASET  # "prompt" and "solution" columns \\
+        --model_name_or_path Qwen/Qwen2.5-1.5B-Instruct --dataset_name YOUR/DATASET \\
         --reward_funcs trl.rewards.accuracy_reward --use_cpu false --bf16 true --learning_rate 1e-6 \\
         --max_completion_length 1024 --per_device_train_batch_size 16 --max_steps 500
 

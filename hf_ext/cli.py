@@ -52,8 +52,18 @@ def print_env() -> int:
     import torch
 
     print(f"platform: {platform.platform()}\npython: {platform.python_version()}")
-    for name in ("hf-ext", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "triton",
-                 "bitsandbytes", "huggingface_hub"):
+    for name in (
+        "hf-ext",
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "accelerate",
+        "datasets",
+        "triton",
+        "bitsandbytes",
+        "huggingface_hub",
+    ):
         try:
             print(f"{name}: {version(name)}")
         except PackageNotFoundError:

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from hf_ext.embedded import materialize_model
 from hf_ext.scripts.grpo import make_parser, run
 
@@ -60,8 +58,18 @@ def test_hub_id_resolves_from_offline_cache(tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    result = hf_ext_command("grpo", "--config", str(RECIPE), "--model_name_or_path", "hf-ext-test/tiny-qwen2",
-                            "--max_steps", "1", "--output_dir", str(tmp_path / "out"), env=env)
+    result = hf_ext_command(
+        "grpo",
+        "--config",
+        str(RECIPE),
+        "--model_name_or_path",
+        "hf-ext-test/tiny-qwen2",
+        "--max_steps",
+        "1",
+        "--output_dir",
+        str(tmp_path / "out"),
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "qwen2"

@@ -22,9 +22,17 @@ import grpo_fixed_rollouts  # noqa: E402
 
 def tiny_config(tmp_path, **overrides) -> GRPOConfig:
     values = dict(
-        output_dir=str(tmp_path), loss_type="ba", num_generations=3, per_device_train_batch_size=6,
-        max_completion_length=6, temperature=1.0, use_cpu=True, bf16=False, gradient_checkpointing=False,
-        report_to="none", save_strategy="no",
+        output_dir=str(tmp_path),
+        loss_type="ba",
+        num_generations=3,
+        per_device_train_batch_size=6,
+        max_completion_length=6,
+        temperature=1.0,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
     )
     return GRPOConfig(**{**values, **overrides})
 
@@ -56,16 +64,21 @@ def test_trl_loss_types_still_accepted(tmp_path, loss_type):
 def test_ba_with_trl_config_is_refused(tmp_path):
     args = trl.GRPOConfig(output_dir=str(tmp_path), loss_type="ba", use_cpu=True, bf16=False, report_to="none")
     with pytest.raises(TypeError, match="needs hf_ext.GRPOConfig"):
-        GRPOTrainer(model=str(materialize_model()), reward_funcs=count_reward, args=args,
-                    train_dataset=count_dataset(8))
+        GRPOTrainer(
+            model=str(materialize_model()), reward_funcs=count_reward, args=args, train_dataset=count_dataset(8)
+        )
 
 
 def test_non_finite_reward_stops_training_with_the_functions_name(tmp_path):
     def broken_reward(completions, **kwargs):
         return [float("inf")] + [0.0] * (len(completions) - 1)
 
-    trainer = GRPOTrainer(model=str(materialize_model()), reward_funcs=broken_reward,
-                          args=tiny_config(tmp_path, max_steps=1), train_dataset=count_dataset(8))
+    trainer = GRPOTrainer(
+        model=str(materialize_model()),
+        reward_funcs=broken_reward,
+        args=tiny_config(tmp_path, max_steps=1),
+        train_dataset=count_dataset(8),
+    )
     with pytest.raises(ValueError, match="reward_funcs: 'broken_reward' returned a non-finite reward"):
         trainer.train()
 
@@ -76,8 +89,12 @@ def test_non_finite_reward_stops_training_with_the_functions_name(tmp_path):
 @pytest.mark.parametrize("grad_accum", [1, 3])
 def test_trainer_loss_and_gradients_match_reference_formula(tmp_path, grad_accum):
     """BA through TRL's code path (advantage rescaling + grpo aggregation) == autograd of the paper's formula."""
-    trainer = GRPOTrainer(model=str(materialize_model()), reward_funcs=count_reward,
-                          args=tiny_config(tmp_path), train_dataset=count_dataset(8))
+    trainer = GRPOTrainer(
+        model=str(materialize_model()),
+        reward_funcs=count_reward,
+        args=tiny_config(tmp_path),
+        train_dataset=count_dataset(8),
+    )
     model = trainer.model.train()
     trainer.current_gradient_accumulation_steps = grad_accum
     generator = torch.Generator().manual_seed(0)
@@ -88,9 +105,12 @@ def test_trainer_loss_and_gradients_match_reference_formula(tmp_path, grad_accum
     completion_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
     advantages = torch.tensor([1.2, -0.4, -0.8, 0.7, 0.5, -1.2])
     output = {
-        "prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids),
-        "completion_ids": completion_ids, "completion_mask": completion_mask,
-        "advantages": advantages, "num_items_in_batch": completion_mask.sum(),
+        "prompt_ids": prompt_ids,
+        "prompt_mask": torch.ones_like(prompt_ids),
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": advantages,
+        "num_items_in_batch": completion_mask.sum(),
     }
     output["ba_advantage_scale"] = trainer._ba_advantage_scale(output)
 
@@ -118,8 +138,9 @@ def max_param_difference(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def one_process_reference(tmp_path_factory):
-    result, _ = grpo_fixed_rollouts.train("ba", per_device_batch=12, grad_accum=1,
-                                          output_dir=str(tmp_path_factory.mktemp("ref")))
+    result, _ = grpo_fixed_rollouts.train(
+        "ba", per_device_batch=12, grad_accum=1, output_dir=str(tmp_path_factory.mktemp("ref"))
+    )
     return result
 
 
@@ -145,15 +166,38 @@ def free_port() -> int:
 def test_two_processes_equal_one_process(one_process_reference, tmp_path):
     out = tmp_path / "two.pt"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(free_port()), str(REPO / "tests" / "scripts" / "grpo_fixed_rollouts.py"),
-        "--per_device_batch", "6", "--out", str(out),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        str(REPO / "tests" / "scripts" / "grpo_fixed_rollouts.py"),
+        "--per_device_batch",
+        "6",
+        "--out",
+        str(out),
     ]
     log = tmp_path / "launch.log"
     with open(log, "w") as handle:
-        subprocess.run(command, check=False, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, timeout=120)
+        subprocess.run(command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, timeout=120)
     assert out.exists(), log.read_text()[-3000:]
     two = torch.load(out, weights_only=False)
     assert two["world_size"] == 2
     assert max_param_difference(one_process_reference, two) < 1e-6
     assert two["losses"] == pytest.approx(one_process_reference["losses"], rel=1e-5, abs=1e-7)
+
+
+def test_model_card_names_the_method_and_its_paper(tmp_path):
+    trainer = GRPOTrainer(
+        model=str(materialize_model()),
+        reward_funcs=count_reward,
+        args=tiny_config(tmp_path),
+        train_dataset=count_dataset(8),
+    )
+    trainer.create_model_card(model_name="tiny-ba")
+    card = (tmp_path / "README.md").read_text()
+    assert "2605.04077" in card and "zeng2026balanced" in card
+    assert "- hf_ext" in card and "- ba" in card

@@ -4,7 +4,7 @@ Nothing here is downloaded. ``EMBEDDED_MODEL`` and ``EMBEDDED_TASK`` are the nam
 of a Hub id or local path (``--model_name_or_path`` / ``--dataset_name``).
 """
 
-from .model import ALPHABET, EMBEDDED_MODEL, build_tokenizer, build_tiny_model, materialize_model, resolve_model
+from .model import ALPHABET, EMBEDDED_MODEL, build_tiny_model, build_tokenizer, materialize_model, resolve_model
 from .task import EMBEDDED_TASK, count_dataset, count_reward
 
 

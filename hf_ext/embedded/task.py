@@ -45,6 +45,7 @@ def count_reward(prompts: list[str], completions: list[str], **kwargs) -> list[f
     for prompt, completion in zip(prompts, completions, strict=True):
         produced = completion.split()
         previous = [prompt.split()[-1], *produced]
-        hits = sum(_successor(before) == letter for before, letter in zip(previous, produced[:TARGET_LETTERS]))
+        pairs = zip(previous, produced[:TARGET_LETTERS], strict=False)  # previous is one longer
+        hits = sum(_successor(before) == letter for before, letter in pairs)
         rewards.append(hits / max(TARGET_LETTERS, len(produced)))
     return rewards

@@ -69,7 +69,7 @@ def split_by_sign(lengths: torch.Tensor, advantages: torch.Tensor, num_generatio
 def ba_row_weights(
     lengths: torch.Tensor, advantages: torch.Tensor, num_generations: int, sign_tolerance: float = 1e-6
 ) -> torch.Tensor:
-    """Per row, 1 / (mean loss-token length of its same-sign subset in its group); 0 outside S+ and S-. (N,) float64."""
+    """Per row, 1 / (mean loss-token length of its same-sign subset in its group); 0 outside S+ and S-. (N,) fp64."""
     split = split_by_sign(lengths, advantages, num_generations, sign_tolerance)
     inv_mean_pos = split.num_pos / split.tokens_pos.clamp(min=1)
     inv_mean_neg = split.num_neg / split.tokens_neg.clamp(min=1)
@@ -123,12 +123,15 @@ def ba_group_metrics(
     silent = ((split.num_pos == 0) & (split.num_neg == 0)).double()
     mean_pos = split.tokens_pos / split.num_pos.clamp(min=1)
     mean_neg = split.tokens_neg / split.num_neg.clamp(min=1)
-    per_group = torch.stack([
-        split.num_pos / num_generations,
-        split.num_neg / num_generations,
-        split.tokens_pos / (split.tokens_pos + split.tokens_neg).clamp(min=1),
-        mean_pos - mean_neg,
-    ])
+    per_group = torch.stack(
+        [
+            split.num_pos / num_generations,
+            split.num_neg / num_generations,
+            split.tokens_pos / (split.tokens_pos + split.tokens_neg).clamp(min=1),
+            mean_pos - mean_neg,
+        ]
+    )
     over_mixed = (per_group * mixed).sum(1) / mixed.sum()  # 0/0 = NaN when no group has both signs
     values = torch.cat([over_mixed, silent.mean()[None]]).tolist()  # one device sync
-    return dict(zip(("pos_weight", "neg_weight", "token_agg_pos_share", "len_gap", "no_signal_frac"), values))
+    names = ("pos_weight", "neg_weight", "token_agg_pos_share", "len_gap", "no_signal_frac")
+    return dict(zip(names, values, strict=True))

@@ -39,8 +39,10 @@ def load_reward_funcs(names: list[str] | None, dataset_name: str | None) -> list
     if not names:
         if dataset_name == EMBEDDED_TASK:
             return [count_reward]
-        raise ValueError("reward_funcs is empty: name at least one reward function by dotted import path "
-                         "(e.g. 'trl.rewards.accuracy_reward' or 'my_module.my_reward').")
+        raise ValueError(
+            "reward_funcs is empty: name at least one reward function by dotted import path "
+            "(e.g. 'trl.rewards.accuracy_reward' or 'my_module.my_reward')."
+        )
     funcs = []
     for name in names:
         if name == "count_reward":
@@ -68,8 +70,12 @@ def load_train_dataset(script_args: GRPOScriptArguments, dataset_args: DatasetMi
     return dataset[script_args.dataset_train_split]
 
 
-def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args: ModelConfig,
-         dataset_args: DatasetMixtureConfig):
+def main(
+    script_args: GRPOScriptArguments,
+    training_args: GRPOConfig,
+    model_args: ModelConfig,
+    dataset_args: DatasetMixtureConfig,
+):
     from trl import get_peft_config, get_quantization_config
 
     from hf_ext.embedded import resolve_model

@@ -6,8 +6,9 @@ Every loss type TRL accepts runs unchanged through TRL's own code. The hf_ext lo
 ``loss_type="ba"`` (Balanced Aggregation, arXiv 2605.04077; math in ``hf_ext.losses.ba``): the clipped surrogate
 is linear in a positive rescaling of the advantage, so BA is TRL's ``grpo`` path run with
 ``A_i * |o_i| / Lbar_{s(i)}``, where ``Lbar`` is the mean loss-token length of the row's same-sign peers (and
-``A_i * 0`` for ties, which BA leaves out). That scale is computed at generation time from *global* group statistics (gathered lengths and advantages) and carried
-per row, so the loss is exact under TRL's row shuffling, gradient accumulation and any number of processes.
+``A_i * 0`` for ties, which BA leaves out). That scale is computed at generation time from *global* group
+statistics (gathered lengths and advantages) and carried per row, so the loss is exact under TRL's row shuffling,
+gradient accumulation and any number of processes.
 """
 
 import functools
@@ -23,10 +24,18 @@ from ..losses.ba import ba_group_metrics, ba_row_weights
 
 
 TRL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16
-HF_EXT_LOSS_TYPES = {
+HF_EXT_LOSS_TYPES = {  # loss_type -> the paper it implements (used by the config's check and the model card)
     "ba": {
         "title": "Balanced Aggregation: Understanding and Fixing Aggregation Bias in GRPO",
         "id": "2605.04077",
+        "citation": """\
+@article{zeng2026balanced,
+    title   = {{Balanced Aggregation: Understanding and Fixing Aggregation Bias in GRPO}},
+    author  = {Zhiyuan Zeng and Jiameng Huang and Zhangyue Yin and Jiashuo Liu and Ziniu Li and Bingrui Li and
+               Yuhao Wu and Yining Zheng and Ge Zhang and Wenhao Huang and Xipeng Qiu},
+    journal = {arXiv preprint arXiv:2605.04077},
+    year    = {2026}
+}""",
     },
 }
 
@@ -54,8 +63,10 @@ class GRPOConfig(trl.GRPOConfig):
     )
     ba_sign_tolerance: float = field(
         default=1e-6,
-        metadata={"help": "BA: rows with |advantage| <= this value belong to neither the positive nor the negative "
-                  "subset of their group."},
+        metadata={
+            "help": "BA: rows with |advantage| <= this value belong to neither the positive nor the negative "
+            "subset of their group."
+        },
     )
 
     def __post_init__(self):
@@ -66,8 +77,9 @@ class GRPOConfig(trl.GRPOConfig):
             for name in ("num_generations", "num_generations_eval"):
                 value = getattr(self, name)
                 if value is not None and value < 2:
-                    raise ValueError(f"loss_type='ba' compares completions within a group: {name} must be >= 2, "
-                                     f"got {value}.")
+                    raise ValueError(
+                        f"loss_type='ba' compares completions within a group: {name} must be >= 2, got {value}."
+                    )
             if not (0 <= self.ba_sign_tolerance < math.inf):
                 raise ValueError(f"ba_sign_tolerance must be a finite number >= 0, got {self.ba_sign_tolerance}.")
         super().__post_init__()
@@ -104,18 +116,20 @@ class GRPOTrainer(trl.GRPOTrainer):
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = GRPOConfig(f"{model_name.split('/')[-1]}-GRPO")
         if args.loss_type in HF_EXT_LOSS_TYPES and not isinstance(args, GRPOConfig):
-            raise TypeError(f"loss_type={args.loss_type!r} needs hf_ext.GRPOConfig, got {type(args).__module__}."
-                            f"{type(args).__name__}: build the config with `from hf_ext import GRPOConfig`.")
+            raise TypeError(
+                f"loss_type={args.loss_type!r} needs hf_ext.GRPOConfig, got {type(args).__module__}."
+                f"{type(args).__name__}: build the config with `from hf_ext import GRPOConfig`."
+            )
         super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
         self.reward_funcs = [
-            func if isinstance(func, torch.nn.Module) or trl.trainer.grpo_trainer.is_async_callable(func)
+            func
+            if isinstance(func, torch.nn.Module) or trl.trainer.grpo_trainer.is_async_callable(func)
             else _require_finite_rewards(func, name)
             for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)
         ]
         if self.loss_type in HF_EXT_LOSS_TYPES:
             self._tag_names = [*self._tag_names, self.loss_type]
-            paper = HF_EXT_LOSS_TYPES[self.loss_type]
-            self._paper = {"title": paper["title"], "id": paper["id"], "citation": None}
+            self._paper = HF_EXT_LOSS_TYPES[self.loss_type]
 
     @contextmanager
     def _run_as_loss_type(self, loss_type: str):
@@ -150,8 +164,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         all_lengths, all_advantages = gather(lengths), gather(output["advantages"].float())
         tolerance = self.args.ba_sign_tolerance
         weights = ba_row_weights(all_lengths, all_advantages, num_generations, tolerance)
-        local = slice(self.accelerator.process_index * len(lengths), (self.accelerator.process_index + 1) * len(lengths))
-        scale = lengths.double() * weights[local]
+        first_row = self.accelerator.process_index * len(lengths)
+        scale = lengths.double() * weights[first_row : first_row + len(lengths)]
         for name, value in ba_group_metrics(all_lengths, all_advantages, num_generations, tolerance).items():
             self._metrics[mode][f"ba/{name}"].append(value)
         return scale.to(output["advantages"].dtype)
