@@ -92,12 +92,13 @@ def measure(trainer: GRPOTrainer, rows: int, width: int, device: str, repeats: i
     logps = (batch["old_per_token_logps"] + 0.01).requires_grad_(True)
     entropies = torch.ones_like(logps)
     trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logps, entropies, None)
-    ba_batch = {**batch, "ba_advantage_scale": trainer._ba_advantage_scale(batch)}
+    ba_batch = dict(batch)
+    trainer._prepare_ba(ba_batch, "train")
     return interleaved_medians_ms(
         {
             "dapo": lambda: loss_step(trainer, "dapo", batch, logps),
             "ba": lambda: loss_step(trainer, "ba", ba_batch, logps),
-            "gen": lambda: trainer._ba_advantage_scale(batch),
+            "gen": lambda: trainer._prepare_ba(dict(batch), "train"),
         },
         device,
         repeats,

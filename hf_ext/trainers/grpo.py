@@ -1,43 +1,92 @@
 """``GRPOConfig`` / ``GRPOTrainer``: TRL's GRPO with hf_ext's policy losses as extra ``loss_type`` values.
 
-Every loss type TRL accepts runs unchanged through TRL's own code. The hf_ext loss types are listed once, in
-``HF_EXT_LOSS_TYPES``; the config validates ``loss_type`` against both lists before any model is loaded.
-
-``loss_type="ba"`` (Balanced Aggregation, arXiv 2605.04077; math in ``hf_ext.losses.ba``): the clipped surrogate
-is linear in a positive rescaling of the advantage, so BA is TRL's ``grpo`` path run with
-``A_i * |o_i| / Lbar_{s(i)}``, where ``Lbar`` is the mean loss-token length of the row's same-sign peers (and
-``A_i * 0`` for ties, which BA leaves out). That scale is computed at generation time from *global* group
-statistics (gathered lengths and advantages) and carried per row, so the loss is exact under TRL's row shuffling,
-gradient accumulation and any number of processes.
+Every loss type TRL accepts runs unchanged through TRL's own code. hf_ext's loss types are listed once, in
+``HF_EXT_LOSS_TYPES`` (paper, generation-time step, loss), and the config checks ``loss_type`` and each method's
+fields before any model is loaded. Each method's wiring lives in its own mixin: ``grpo_ba``, ``grpo_real``,
+``grpo_gtpo``; their math in ``hf_ext.losses``.
 """
 
 import functools
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import trl
-from accelerate.utils import gather
+from trl.trainer.grpo_trainer import is_async_callable
 
-from ..losses.ba import ba_group_metrics, ba_row_weights
+from .grpo_ba import BalancedAggregationMixin
+from .grpo_gtpo import GTPOMixin
+from .grpo_real import REAL_VARIANTS, RewardsAsLabelsMixin
 
 
 TRL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16
-HF_EXT_LOSS_TYPES = {  # loss_type -> the paper it implements (used by the config's check and the model card)
-    "ba": {
-        "title": "Balanced Aggregation: Understanding and Fixing Aggregation Bias in GRPO",
-        "id": "2605.04077",
-        "citation": """\
+
+
+@dataclass(frozen=True)
+class LossType:
+    """An hf_ext loss type: its paper (for the model card) and the trainer methods that run it."""
+
+    title: str
+    arxiv_id: str
+    citation: str
+    prepare: str  # trainer method adding per-row tensors at generation time, from whole groups
+    loss: str  # trainer method computing the micro-batch loss
+
+    @property
+    def paper(self) -> dict:
+        return {"title": self.title, "id": self.arxiv_id, "citation": self.citation}
+
+
+BA_CITATION = """\
 @article{zeng2026balanced,
     title   = {{Balanced Aggregation: Understanding and Fixing Aggregation Bias in GRPO}},
     author  = {Zhiyuan Zeng and Jiameng Huang and Zhangyue Yin and Jiashuo Liu and Ziniu Li and Bingrui Li and
                Yuhao Wu and Yining Zheng and Ge Zhang and Wenhao Huang and Xipeng Qiu},
     journal = {arXiv preprint arXiv:2605.04077},
     year    = {2026}
-}""",
-    },
+}"""
+REAL_CITATION = """\
+@article{zhai2026rewards,
+    title   = {{Rewards as Labels: Revisiting RLVR from a Classification Perspective}},
+    author  = {Zepeng Zhai and Meilin Chen and Jiaxuan Zhao and Junlang Qian and Lei Shen and Yuan Lu},
+    journal = {arXiv preprint arXiv:2602.05630},
+    year    = {2026}
+}"""
+GTPO_CITATION = """\
+@article{simoni2025gtpo,
+    title   = {{GTPO: Stabilizing Group Relative Policy Optimization via Gradient and Entropy Control}},
+    author  = {Marco Simoni and Aleksandar Fontana and Giulio Rossolini and Andrea Saracino and Paolo Mori},
+    journal = {arXiv preprint arXiv:2508.03772},
+    year    = {2025}
+}"""
+REAL_TITLE = "Rewards as Labels: Revisiting RLVR from a Classification Perspective"
+HF_EXT_LOSS_TYPES = {
+    "ba": LossType(
+        "Balanced Aggregation: Understanding and Fixing Aggregation Bias in GRPO",
+        "2605.04077",
+        BA_CITATION,
+        prepare="_prepare_ba",
+        loss="_ba_loss",
+    ),
+    "real": LossType(REAL_TITLE, "2602.05630", REAL_CITATION, prepare="_prepare_real", loss="_real_loss"),
+    "real_bce": LossType(REAL_TITLE, "2602.05630", REAL_CITATION, prepare="_prepare_real", loss="_real_loss"),
+    "gtpo": LossType(
+        "GTPO: Stabilizing Group Relative Policy Optimization via Gradient and Entropy Control",
+        "2508.03772",
+        GTPO_CITATION,
+        prepare="_prepare_gtpo",
+        loss="_gtpo_loss",
+    ),
 }
+GTPO_FILTER_MODES = ("auto", "always", "never")
+GTPO_COMBINES = ("product", "union")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
 
 
 @dataclass
@@ -47,42 +96,160 @@ class GRPOConfig(trl.GRPOConfig):
 
     Parameters:
         loss_type (`str`, *optional*, defaults to `"dapo"`):
-            Any TRL loss type (`grpo`, `dr_grpo`, `dapo`, `bnpo`, `cispo`, `sapo`, `luspo`, `vespo`) or an hf_ext
-            one: `"ba"` (Balanced Aggregation, arXiv 2605.04077).
+            Any TRL loss type (`grpo`, `dr_grpo`, `dapo`, `bnpo`, `cispo`, `sapo`, `luspo`, `vespo`) or an hf_ext one:
+            `"ba"` (Balanced Aggregation, arXiv 2605.04077), `"real"` / `"real_bce"` (Rewards as Labels, arXiv
+            2602.05630), `"gtpo"` (arXiv 2508.03772).
         ba_sign_tolerance (`float`, *optional*, defaults to `1e-6`):
-            With `loss_type="ba"`, rows whose advantage is within this distance of 0 belong to neither sign subset.
+            BA: rows whose advantage is within this distance of 0 belong to neither sign subset.
+        real_tau (`float`, *optional*, defaults to `0.5`):
+            REAL: temperature of the sequence scores; each row's gradient weight is bounded by 1/tau.
+        real_variant (`str`, *optional*, defaults to `"anchor"`):
+            REAL: `"anchor"` (equation (8), each label set against a fixed logit 0) or `"product"` (pairwise).
+        real_sign_tolerance (`float`, *optional*, defaults to `1e-6`):
+            REAL: rows with |advantage| <= this are unlabelled; BCE positives are within this of the group best.
+        gtpo_conflict_weight (`float`, *optional*, defaults to `2.0`):
+            GTPO: weight of conflict tokens in positive completions (negative ones get 0).
+        gtpo_conflict_combine (`str`, *optional*, defaults to `"product"`):
+            GTPO: a token in both the prefix and the suffix run weighs `w**2` (`"product"`) or `w` (`"union"`).
+        gtpo_entropy_penalty (`float`, *optional*, defaults to `0.1`):
+            GTPO: gamma in A' = delta * (A - gamma * mean entropy).
+        gtpo_entropy_threshold (`float`, *optional*, defaults to `ln 2`):
+            GTPO: completions whose mean entropy exceeds this are filtered out when the filter is on.
+        gtpo_filter_mode (`str`, *optional*, defaults to `"auto"`):
+            GTPO: `"auto"` (on iff the initial entropy H_ini is below the threshold), `"always"` or `"never"`.
+        gtpo_initial_entropy (`float` or `None`, *optional*, defaults to `None`):
+            GTPO: H_ini for `"auto"`; `None` measures it on the first training micro-batch.
+        gtpo_filter_only_negative (`bool`, *optional*, defaults to `False`):
+            GTPO: filter only negative-advantage completions ("OnlyNeg" ablation).
+        gtpo_shape_zero_adv (`bool`, *optional*, defaults to `True`):
+            GTPO: zero-advantage completions also get -gamma * mean entropy (as the official code).
+        gtpo_sign_tolerance (`float`, *optional*, defaults to `1e-6`):
+            GTPO: rows with |advantage| <= this are neither positive nor negative partners.
     """
 
     loss_type: str = field(
         default="dapo",
         metadata={
             "help": "Policy loss. TRL's: " + ", ".join(TRL_LOSS_TYPES) + ". hf_ext's: 'ba' (Balanced Aggregation, "
-            "arXiv 2605.04077: positive and negative completions of a group are token-averaged separately and "
-            "weighted by their share of the group)."
+            "arXiv 2605.04077), 'real' and 'real_bce' (Rewards as Labels, arXiv 2602.05630), 'gtpo' (arXiv "
+            "2508.03772)."
         },
     )
     ba_sign_tolerance: float = field(
-        default=1e-6,
-        metadata={
-            "help": "BA: rows with |advantage| <= this value belong to neither the positive nor the negative "
-            "subset of their group."
-        },
+        default=1e-6, metadata={"help": "BA: rows with |advantage| <= this belong to neither sign subset."}
+    )
+    real_tau: float = field(default=0.5, metadata={"help": "REAL: score temperature (> 0); gradients <= 1/tau."})
+    real_variant: str = field(
+        default="anchor", metadata={"help": "REAL: 'anchor' (paper's equation (8)) or 'product' (pairwise)."}
+    )
+    real_sign_tolerance: float = field(
+        default=1e-6, metadata={"help": "REAL: rows with |advantage| <= this are unlabelled."}
+    )
+    gtpo_conflict_weight: float = field(
+        default=2.0, metadata={"help": "GTPO: weight of conflict tokens in positive completions (>= 0)."}
+    )
+    gtpo_conflict_combine: str = field(
+        default="product", metadata={"help": "GTPO: 'product' (w**2 in both runs) or 'union' (w)."}
+    )
+    gtpo_entropy_penalty: float = field(default=0.1, metadata={"help": "GTPO: gamma of the entropy shaping (>= 0)."})
+    gtpo_entropy_threshold: float = field(
+        default=math.log(2), metadata={"help": "GTPO: entropy threshold of the filter (> 0; default ln 2)."}
+    )
+    gtpo_filter_mode: str = field(
+        default="auto", metadata={"help": "GTPO: entropy filter 'auto' (on iff H_ini < threshold), 'always', 'never'."}
+    )
+    gtpo_initial_entropy: float | None = field(
+        default=None, metadata={"help": "GTPO: H_ini for 'auto'; measured on the first micro-batch when unset."}
+    )
+    gtpo_filter_only_negative: bool = field(
+        default=False, metadata={"help": "GTPO: apply the entropy filter to negative-advantage completions only."}
+    )
+    gtpo_shape_zero_adv: bool = field(
+        default=True, metadata={"help": "GTPO: shape zero-advantage completions too (-gamma * mean entropy)."}
+    )
+    gtpo_sign_tolerance: float = field(
+        default=1e-6, metadata={"help": "GTPO: rows with |advantage| <= this are no conflict partners."}
     )
 
     def __post_init__(self):
         allowed = (*TRL_LOSS_TYPES, *HF_EXT_LOSS_TYPES)
-        if self.loss_type not in allowed:
-            raise ValueError(f"loss_type={self.loss_type!r} is not known; allowed values: {', '.join(allowed)}.")
-        if self.loss_type == "ba":
+        _check(
+            self.loss_type in allowed,
+            f"loss_type={self.loss_type!r} is not known; allowed values: {', '.join(allowed)}.",
+        )
+        if self.loss_type in HF_EXT_LOSS_TYPES:
             for name in ("num_generations", "num_generations_eval"):
                 value = getattr(self, name)
-                if value is not None and value < 2:
-                    raise ValueError(
-                        f"loss_type='ba' compares completions within a group: {name} must be >= 2, got {value}."
-                    )
-            if not (0 <= self.ba_sign_tolerance < math.inf):
-                raise ValueError(f"ba_sign_tolerance must be a finite number >= 0, got {self.ba_sign_tolerance}.")
+                _check(
+                    value is None or value >= 2,
+                    f"loss_type={self.loss_type!r} compares completions within a "
+                    f"group: {name} must be >= 2, got {value}.",
+                )
         super().__post_init__()
+        for name in ("ba_sign_tolerance", "real_sign_tolerance", "gtpo_sign_tolerance"):
+            value = getattr(self, name)
+            _check(0 <= value < math.inf, f"{name} must be a finite number >= 0, got {value}.")
+        if self.loss_type.startswith("real"):
+            self._check_real()
+        if self.loss_type == "gtpo":
+            self._check_gtpo()
+
+    def _check_real(self) -> None:
+        _check(0 < self.real_tau < math.inf, f"real_tau must be a finite number > 0, got {self.real_tau}.")
+        _check(
+            self.real_variant in REAL_VARIANTS,
+            f"real_variant={self.real_variant!r} is not known; allowed values: {', '.join(REAL_VARIANTS)}.",
+        )
+        generate_every = self.steps_per_generation * self.num_iterations
+        _check(
+            self.loss_type == "real_bce" or self.gradient_accumulation_steps % generate_every == 0,
+            "loss_type='real' is exact only on-policy (a group's rows meet in one log-sum-exp, but TRL spreads "
+            "them over micro-batches): gradient_accumulation_steps must be a multiple of steps_per_generation * "
+            f"num_iterations, got {self.gradient_accumulation_steps} and {self.steps_per_generation} * "
+            f"{self.num_iterations}. Leave steps_per_generation unset and num_iterations=1, or use "
+            "loss_type='real_bce', which is exact off-policy.",
+        )
+        self._check_no_token_weights("REAL scores whole sequences")
+
+    def _check_gtpo(self) -> None:
+        _check(
+            self.gtpo_filter_mode in GTPO_FILTER_MODES,
+            f"gtpo_filter_mode={self.gtpo_filter_mode!r} is not "
+            f"known; allowed values: {', '.join(GTPO_FILTER_MODES)}.",
+        )
+        _check(
+            self.gtpo_conflict_combine in GTPO_COMBINES,
+            f"gtpo_conflict_combine={self.gtpo_conflict_combine!r} "
+            f"is not known; allowed values: {', '.join(GTPO_COMBINES)}.",
+        )
+        for name, low in (("gtpo_conflict_weight", 0.0), ("gtpo_entropy_penalty", 0.0)):
+            value = getattr(self, name)
+            _check(low <= value < math.inf, f"{name} must be a finite number >= {low}, got {value}.")
+        _check(
+            0 < self.gtpo_entropy_threshold < math.inf,
+            f"gtpo_entropy_threshold must be a finite number > 0, got {self.gtpo_entropy_threshold}.",
+        )
+        _check(
+            self.gtpo_initial_entropy is None or 0 <= self.gtpo_initial_entropy < math.inf,
+            f"gtpo_initial_entropy must be None or a finite number >= 0, got {self.gtpo_initial_entropy}.",
+        )
+        _check(
+            self.beta == 0.0,
+            f"loss_type='gtpo' is defined without a KL term or reference model: beta must be 0.0, got {self.beta}.",
+        )
+        self._check_no_token_weights("GTPO weights tokens itself")
+
+    def _check_no_token_weights(self, reason: str) -> None:
+        _check(
+            self.top_entropy_quantile == 1.0 and self.off_policy_mask_threshold is None,
+            f"loss_type={self.loss_type!r}: {reason}; top_entropy_quantile must be 1.0 and "
+            "off_policy_mask_threshold None.",
+        )
+        _check(self.beta == 0.0, f"loss_type={self.loss_type!r} has no KL term: beta must be 0.0, got {self.beta}.")
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            warnings.warn(
+                f"loss_type={self.loss_type!r} ignores the vLLM importance-sampling correction.", stacklevel=3
+            )
 
 
 def _require_finite_rewards(reward_func, name: str):
@@ -106,7 +273,7 @@ def _require_finite_rewards(reward_func, name: str):
     return checked
 
 
-class GRPOTrainer(trl.GRPOTrainer):
+class GRPOTrainer(BalancedAggregationMixin, RewardsAsLabelsMixin, GTPOMixin, trl.GRPOTrainer):
     """TRL's [`trl.GRPOTrainer`] that also runs hf_ext's loss types. Use with [`hf_ext.GRPOConfig`]."""
 
     _tag_names = ["trl", "grpo", "hf_ext"]
@@ -123,13 +290,14 @@ class GRPOTrainer(trl.GRPOTrainer):
         super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
         self.reward_funcs = [
             func
-            if isinstance(func, torch.nn.Module) or trl.trainer.grpo_trainer.is_async_callable(func)
+            if isinstance(func, torch.nn.Module) or is_async_callable(func)
             else _require_finite_rewards(func, name)
             for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)
         ]
-        if self.loss_type in HF_EXT_LOSS_TYPES:
+        self._hf_ext_loss = HF_EXT_LOSS_TYPES.get(self.loss_type)
+        if self._hf_ext_loss is not None:
             self._tag_names = [*self._tag_names, self.loss_type]
-            self._paper = HF_EXT_LOSS_TYPES[self.loss_type]
+            self._paper = self._hf_ext_loss.paper
 
     @contextmanager
     def _run_as_loss_type(self, loss_type: str):
@@ -142,30 +310,41 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
-        if self.loss_type == "ba":
-            output["ba_advantage_scale"] = self._ba_advantage_scale(output)
+        if self._hf_ext_loss is not None:
+            mode = "train" if self.model.training else "eval"
+            getattr(self, self._hf_ext_loss.prepare)(output, mode)
         return output
 
     def _compute_loss(self, model, inputs):
-        if self.loss_type != "ba":
+        if self._hf_ext_loss is None:
             return super()._compute_loss(model, inputs)
-        inputs = {**inputs, "advantages": inputs["advantages"] * inputs["ba_advantage_scale"]}
-        with self._run_as_loss_type("grpo"):
-            return super()._compute_loss(model, inputs)
+        return getattr(self, self._hf_ext_loss.loss)(model, inputs)
 
-    def _ba_advantage_scale(self, output) -> torch.Tensor:
-        """Per local row, |o_i| / Lbar_{s(i)} (0 for ties) from the global group statistics; logs BA's weights."""
-        mode = "train" if self.model.training else "eval"
-        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        loss_mask = output["completion_mask"]
-        if "tool_mask" in output:
-            loss_mask = loss_mask * output["tool_mask"]
-        lengths = loss_mask.sum(1).float()
-        all_lengths, all_advantages = gather(lengths), gather(output["advantages"].float())
-        tolerance = self.args.ba_sign_tolerance
-        weights = ba_row_weights(all_lengths, all_advantages, num_generations, tolerance)
-        first_row = self.accelerator.process_index * len(lengths)
-        scale = lengths.double() * weights[first_row : first_row + len(lengths)]
-        for name, value in ba_group_metrics(all_lengths, all_advantages, num_generations, tolerance).items():
-            self._metrics[mode][f"ba/{name}"].append(value)
-        return scale.to(output["advantages"].dtype)
+    # Helpers shared by the loss mixins.
+
+    def _group_size(self, mode: str) -> int:
+        return self.num_generations if mode == "train" else self.num_generations_eval
+
+    def _local_rows(self, num_local: int) -> slice:
+        """This process's rows in a tensor gathered over processes (process-major, as TRL lays them out)."""
+        first = self.accelerator.process_index * num_local
+        return slice(first, first + num_local)
+
+    @staticmethod
+    def _loss_mask(inputs: dict) -> torch.Tensor:
+        mask = inputs["completion_mask"]
+        return mask * inputs["tool_mask"] if "tool_mask" in inputs else mask
+
+    def _policy_logps(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(per-token log-probs, entropies, loss mask) of the completions under the current policy."""
+        completion_ids = inputs["completion_ids"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True
+        )
+        mask = self._loss_mask(inputs)
+        self._metrics["train" if self.model.training else "eval"]["entropy"].append(
+            self.accelerator.gather((entropies.detach() * mask).sum() / mask.sum().clamp(min=1)).mean().item()
+        )
+        return per_token_logps, entropies, mask
