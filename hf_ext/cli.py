@@ -1,6 +1,7 @@
 """`hf-ext`: the command line, in TRL's shape.
 
     hf-ext grpo --config examples/configs/grpo_ba.yaml [--any_field value] [--accelerate_config multi_gpu]
+    hf-ext compare-losses --seeds 0 1 2 --max_steps 300
     hf-ext env
 
 Training commands parse the recipe first (so a bad field fails before anything launches), then hand the script to
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in TRAINING_COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)
+    commands.add_parser(
+        "compare-losses", help="Train the embedded default once per GRPO loss type; table + plot.", add_help=False
+    )
     commands.add_parser("env", help="Print versions and devices, for bug reports.")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
@@ -85,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command in TRAINING_COMMANDS:
         return launch_training(command, rest)
+    if command == "compare-losses":
+        from hf_ext.scripts.compare_losses import main as compare_losses
+
+        compare_losses(rest)
+        return 0
     parser.parse_args(argv)  # "env", or an error listing the valid commands
     return print_env()
 

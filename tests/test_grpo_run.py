@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hf_ext.embedded import materialize_model
 from hf_ext.scripts.grpo import make_parser, run
 
@@ -83,3 +85,39 @@ def test_ba_learns_the_embedded_task(tmp_path):
     start, end = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
     assert start < 0.08
     assert end > start + 0.25, rewards
+
+
+def test_compare_losses_writes_table_curves_and_plot(tmp_path):
+    from hf_ext.scripts.compare_losses import main as compare_losses
+
+    rows = compare_losses(
+        [
+            "--loss_types",
+            "dapo",
+            "ba",
+            "--seeds",
+            "0",
+            "1",
+            "--max_steps",
+            "4",
+            "--logging_steps",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert [row["loss_type"] for row in rows] == ["dapo", "ba"]
+    assert rows[0]["time_vs_dapo"] == pytest.approx(1.0)
+    table = (tmp_path / "table.md").read_text()
+    assert "| ba |" in table and "| dapo |" in table
+    curves = (tmp_path / "curves.csv").read_text().splitlines()
+    assert curves[0] == "loss_type,seed,step,reward" and len(curves) == 1 + 2 * 2 * 2
+    assert (tmp_path / "rewards.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "examples" / "configs").glob("grpo_*.yaml")))
+def test_every_recipe_parses(recipe):
+    _, training_args, _, _ = make_parser().parse_args_and_config(
+        ["--config", str(REPO / "examples" / "configs" / recipe)]
+    )
+    assert recipe == f"grpo_{training_args.loss_type}.yaml"
