@@ -206,6 +206,35 @@ def test_trainer_gradients_match_reference_formula(tmp_path, loss_type, grad_acc
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("mode", "initial_entropy", "moves"),
+    [("always", None, False), ("never", None, True), ("auto", None, True), ("auto", 0.0, False)],
+)
+def test_gtpo_entropy_filter_switches_rows_off(tmp_path, mode, initial_entropy, moves):
+    """With threshold 0.01 every crafted completion (mean entropy about 3.5) is above it: the filter, when on,
+    drops every row. "auto" is on only when H_ini is below the threshold: measured (about 3.5) it is off, given as
+    0.0 it is on."""
+    config = tiny_config(
+        tmp_path,
+        loss_type="gtpo",
+        gtpo_filter_mode=mode,
+        gtpo_entropy_threshold=0.01,
+        gtpo_initial_entropy=initial_entropy,
+    )
+    trainer = GRPOTrainer(
+        model=str(materialize_model()), reward_funcs=count_reward, args=config, train_dataset=count_dataset(8)
+    )
+    model = trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = crafted_batch()
+    trainer._prepare_gtpo(batch, "train")
+    grads = torch.autograd.grad(trainer._compute_loss(model, batch), list(model.parameters()), allow_unused=True)
+    total = sum(g.abs().sum().item() for g in grads if g is not None)
+    assert (total > 1e-6) == moves
+    filtered = trainer._metrics["train"]["gtpo/filtered_frac"][-1]
+    assert filtered == pytest.approx(0.0 if moves else 5 / 6)  # the fully masked row has no entropy to filter
+
+
 # ---------------------------------------------------------------- exactness: accumulation and processes
 
 
