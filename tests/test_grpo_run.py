@@ -115,7 +115,28 @@ def test_compare_losses_writes_table_curves_and_plot(tmp_path):
     assert (tmp_path / "rewards.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "examples" / "configs").glob("grpo_*.yaml")))
+RECIPES = sorted(p.name for p in (REPO / "examples" / "configs").glob("grpo_*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_runs_offline(recipe, tmp_path):
+    trainer = run(
+        [
+            "--config",
+            str(REPO / "examples" / "configs" / recipe),
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+            "--logging_steps",
+            "1",
+        ]
+    )
+    assert trainer.state.global_step == 2
+    assert (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_parses(recipe):
     _, training_args, _, _ = make_parser().parse_args_and_config(
         ["--config", str(REPO / "examples" / "configs" / recipe)]

@@ -209,7 +209,7 @@ class GRPOConfig(trl.GRPOConfig):
             f"{self.num_iterations}. Leave steps_per_generation unset and num_iterations=1, or use "
             "loss_type='real_bce', which is exact off-policy.",
         )
-        self._check_no_token_weights("REAL scores whole sequences")
+        self._check_sequence_level_switches("REAL scores whole sequences")
 
     def _check_gtpo(self) -> None:
         _check(
@@ -237,9 +237,10 @@ class GRPOConfig(trl.GRPOConfig):
             self.beta == 0.0,
             f"loss_type='gtpo' is defined without a KL term or reference model: beta must be 0.0, got {self.beta}.",
         )
-        self._check_no_token_weights("GTPO weights tokens itself")
+        self._check_sequence_level_switches("GTPO weights tokens itself")
 
-    def _check_no_token_weights(self, reason: str) -> None:
+    def _check_sequence_level_switches(self, reason: str) -> None:
+        """TRL switches that REAL and GTPO do not define: refused, or ignored with a warning."""
         _check(
             self.top_entropy_quantile == 1.0 and self.off_policy_mask_threshold is None,
             f"loss_type={self.loss_type!r}: {reason}; top_entropy_quantile must be 1.0 and "
@@ -249,6 +250,12 @@ class GRPOConfig(trl.GRPOConfig):
         if self.use_vllm and self.vllm_importance_sampling_correction:
             warnings.warn(
                 f"loss_type={self.loss_type!r} ignores the vLLM importance-sampling correction.", stacklevel=3
+            )
+        if self.importance_sampling_level != "token":
+            warnings.warn(
+                f"loss_type={self.loss_type!r} ignores importance_sampling_level={self.importance_sampling_level!r}: "
+                "REAL scores whole sequences already and GTPO clips token ratios.",
+                stacklevel=3,
             )
 
 

@@ -41,12 +41,12 @@ class RewardsAsLabelsMixin:
     def _prepare_real(self, output: dict, mode: str) -> None:
         """Adds ``real_coef`` (B,) for `real`; ``real_target``, ``real_valid`` (B,) and ``real_num_valid`` for BCE."""
         num_generations, tolerance, tau = self._group_size(mode), self.args.real_sign_tolerance, self.args.real_tau
-        loss_mask = gather(self._loss_mask(output).sum(1, keepdim=True))  # (N, 1): only "has tokens" is used
+        token_counts = gather(self._loss_mask(output).sum(1, keepdim=True))  # (N, 1): the labels only ask "any token?"
         advantages = gather(output["advantages"].double())
         local = self._local_rows(len(output["advantages"]))
-        positive, negative = real_labels(advantages, loss_mask, tolerance)
+        positive, negative = real_labels(advantages, token_counts, tolerance)
         if self.loss_type == "real_bce":
-            targets, valid = real_bce_targets(advantages, loss_mask, num_generations, tolerance)
+            targets, valid = real_bce_targets(advantages, token_counts, num_generations, tolerance)
             output["real_target"], output["real_valid"] = targets[local].float(), valid[local]
             output["real_num_valid"] = valid.sum().float()
             valid_groups = valid.view(-1, num_generations).any(1).double().mean().item()
@@ -77,9 +77,6 @@ class RewardsAsLabelsMixin:
         else:
             num_groups = scores.numel() / self._group_size(mode)
             loss = (inputs["real_coef"] * scores).sum() / num_groups / accumulation
-        self._log_scores(scores, inputs, mode)
-        return loss
-
-    def _log_scores(self, scores: torch.Tensor, inputs: dict, mode: str) -> None:
-        """Mean sequence score (mean log-ratio to the old policy): 0 on-policy, drifts off-policy."""
+        # mean log-ratio to the old policy: 0 on-policy, drifts off-policy (real_bce with num_iterations > 1)
         self._metrics[mode]["real/score_mean"].append(self.accelerator.gather(scores.detach().mean()).mean().item())
+        return loss
