@@ -16,7 +16,10 @@ import sys
 from importlib.resources import files
 
 
-TRAINING_COMMANDS = {"grpo": "Train with GRPO (hf_ext loss types included), through accelerate launch."}
+TRAINING_COMMANDS = {
+    "grpo": "Train with GRPO (hf_ext loss types included), through accelerate launch.",
+    "sft": "Supervised fine-tuning (ALLoRA included), through accelerate launch.",
+}
 
 
 def _without(args: list[str], removed: list[str]) -> list[str]:

@@ -5,7 +5,7 @@ of a Hub id or local path (``--model_name_or_path`` / ``--dataset_name``).
 """
 
 from .model import ALPHABET, EMBEDDED_MODEL, build_tiny_model, build_tokenizer, materialize_model, resolve_model
-from .task import EMBEDDED_TASK, count_dataset, count_reward
+from .task import EMBEDDED_TASK, count_dataset, count_reward, count_sft_dataset
 
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "build_tokenizer",
     "count_dataset",
     "count_reward",
+    "count_sft_dataset",
     "materialize_model",
     "resolve_model",
 ]

@@ -35,6 +35,12 @@ def count_dataset(num_examples: int = 512, seed: int = 0) -> Dataset:
     )
 
 
+def count_sft_dataset(num_examples: int = 512, seed: int = 0) -> Dataset:
+    """The same task for supervised fine-tuning: prompt ("c d e") and its completion (" f g h i"), TRL's format."""
+    examples = count_dataset(num_examples, seed)
+    return Dataset.from_dict({"prompt": examples["prompt"], "completion": [" " + t for t in examples["target"]]})
+
+
 def _successor(letter: str) -> str | None:
     return ALPHABET[(ALPHABET.index(letter) + 1) % len(ALPHABET)] if letter in ALPHABET else None
 

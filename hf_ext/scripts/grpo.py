@@ -10,26 +10,19 @@ takes a Hub dataset, a local one or `embedded:count` (the default, whose reward 
 import importlib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from trl import DatasetMixtureConfig, ModelConfig, TrlParser
 from trl.scripts.grpo import GRPOScriptArguments as TrlGRPOScriptArguments
 
-from hf_ext.embedded import EMBEDDED_MODEL, EMBEDDED_TASK
+from hf_ext.embedded import EMBEDDED_TASK
+from hf_ext.scripts.common import EmbeddedDatasetArguments, finish, load_datasets, model_and_init_kwargs
 from hf_ext.trainers import GRPOConfig
 
 
 @dataclass
-class GRPOScriptArguments(TrlGRPOScriptArguments):
+class GRPOScriptArguments(EmbeddedDatasetArguments, TrlGRPOScriptArguments):
     """TRL's GRPO script arguments, with the embedded task as the default dataset."""
-
-    dataset_name: str | None = field(
-        default=EMBEDDED_TASK,
-        metadata={"help": f"Hub or local dataset, or {EMBEDDED_TASK!r} (the embedded counting task, the default)."},
-    )
-    num_train_examples: int = field(
-        default=512, metadata={"help": f"Prompts generated for {EMBEDDED_TASK!r}; ignored for other datasets."}
-    )
 
 
 def load_reward_funcs(names: list[str] | None, dataset_name: str | None) -> list:
@@ -56,20 +49,6 @@ def load_reward_funcs(names: list[str] | None, dataset_name: str | None) -> list
     return funcs
 
 
-def load_train_dataset(script_args: GRPOScriptArguments, dataset_args: DatasetMixtureConfig, seed: int):
-    from datasets import load_dataset
-    from trl import get_dataset
-
-    from hf_ext.embedded import count_dataset
-
-    if dataset_args.datasets:
-        return get_dataset(dataset_args)[script_args.dataset_train_split]
-    if script_args.dataset_name == EMBEDDED_TASK:
-        return count_dataset(script_args.num_train_examples, seed=seed)
-    dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
-    return dataset[script_args.dataset_train_split]
-
-
 def main(
     script_args: GRPOScriptArguments,
     training_args: GRPOConfig,
@@ -78,34 +57,22 @@ def main(
 ):
     from trl import get_peft_config, get_quantization_config
 
-    from hf_ext.embedded import resolve_model
+    from hf_ext.embedded import count_dataset
     from hf_ext.trainers import GRPOTrainer
 
-    model = resolve_model(model_args.model_name_or_path or EMBEDDED_MODEL)
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "trust_remote_code": training_args.trust_remote_code,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
+    model = model_and_init_kwargs(model_args, training_args)
+    train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args.seed, count_dataset)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=load_reward_funcs(script_args.reward_funcs, script_args.dataset_name),
         args=training_args,
-        train_dataset=load_train_dataset(script_args, dataset_args, training_args.seed),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    # Let every rank's last collective finish and its gloo worker threads drop their tensors before the group goes:
-    # otherwise freeing the DDP reducer can deadlock at exit (seen on CPU/gloo with torch 2.13, about 1 run in 5).
-    trainer.accelerator.wait_for_everyone()
-    trainer.end()
-    return trainer
+    return finish(trainer, training_args, script_args.dataset_name)
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
@@ -113,12 +80,8 @@ def make_parser(prog: str | None = None) -> TrlParser:
 
 
 def run(argv: list[str] | None = None):
-    """Parse `argv` (YAML via --config, then flags) and train; unknown fields are an error.
-
-    Absolute imports throughout: `accelerate launch` runs this file as a script.
-    """
-    args = make_parser().parse_args_and_config(argv)
-    return main(*args)
+    """Parse `argv` (YAML via --config, then flags) and train; unknown fields are an error."""
+    return main(*make_parser().parse_args_and_config(argv))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """TRL/Transformers subclasses and configs that turn hf_ext's methods on as arguments."""
 
 from .grpo import HF_EXT_LOSS_TYPES, TRL_LOSS_TYPES, GRPOConfig, GRPOTrainer
+from .sft import SFTConfig, SFTTrainer
 
 
-__all__ = ["HF_EXT_LOSS_TYPES", "TRL_LOSS_TYPES", "GRPOConfig", "GRPOTrainer"]
+__all__ = ["HF_EXT_LOSS_TYPES", "TRL_LOSS_TYPES", "GRPOConfig", "GRPOTrainer", "SFTConfig", "SFTTrainer"]

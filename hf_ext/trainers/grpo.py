@@ -16,6 +16,7 @@ import torch
 import trl
 from trl.trainer.grpo_trainer import is_async_callable
 
+from .allora_args import ALLoRAArguments, allora_peft_config
 from .grpo_ba import BalancedAggregationMixin
 from .grpo_gtpo import GTPOMixin
 from .grpo_real import REAL_VARIANTS, RewardsAsLabelsMixin
@@ -90,7 +91,7 @@ def _check(condition: bool, message: str) -> None:
 
 
 @dataclass
-class GRPOConfig(trl.GRPOConfig):
+class GRPOConfig(ALLoRAArguments, trl.GRPOConfig):
     r"""
     TRL's [`trl.GRPOConfig`] with hf_ext's loss types. Every TRL field keeps its meaning and default.
 
@@ -125,6 +126,10 @@ class GRPOConfig(trl.GRPOConfig):
             GTPO: zero-advantage completions also get -gamma * mean entropy (as the official code).
         gtpo_sign_tolerance (`float`, *optional*, defaults to `1e-6`):
             GTPO: rows with |advantage| <= this are neither positive nor negative partners.
+        use_allora (`bool`, *optional*, defaults to `False`):
+            Train the LoRA adapter (``peft_config``) with ALLoRA, arXiv 2410.09692.
+        allora_eta (`float`, *optional*, defaults to `2.0`):
+            ALLoRA's eta: the gradient scale of an output row while it is zero.
     """
 
     loss_type: str = field(
@@ -185,6 +190,7 @@ class GRPOConfig(trl.GRPOConfig):
                     f"loss_type={self.loss_type!r} compares completions within a "
                     f"group: {name} must be >= 2, got {value}.",
                 )
+        self._check_allora()
         super().__post_init__()
         for name in ("ba_sign_tolerance", "real_sign_tolerance", "gtpo_sign_tolerance"):
             value = getattr(self, name)
@@ -294,6 +300,9 @@ class GRPOTrainer(BalancedAggregationMixin, RewardsAsLabelsMixin, GTPOMixin, trl
                 f"loss_type={args.loss_type!r} needs hf_ext.GRPOConfig, got {type(args).__module__}."
                 f"{type(args).__name__}: build the config with `from hf_ext import GRPOConfig`."
             )
+        if args.use_allora:
+            kwargs["peft_config"] = allora_peft_config(args, model, kwargs.get("peft_config"))
+            self._tag_names = [*self._tag_names, "allora"]
         super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
         self.reward_funcs = [
             func

@@ -1,0 +1,63 @@
+"""What hf_ext's training scripts share: the embedded-default dataset arguments, model and dataset loading, and
+the end of a run. Absolute imports: `accelerate launch` runs the scripts as files."""
+
+from dataclasses import dataclass, field
+
+from hf_ext.embedded import EMBEDDED_MODEL, EMBEDDED_TASK, resolve_model
+
+
+@dataclass
+class EmbeddedDatasetArguments:
+    """Dataset fields of the scripts, with the embedded task as the default."""
+
+    dataset_name: str | None = field(
+        default=EMBEDDED_TASK,
+        metadata={"help": f"Hub or local dataset, or {EMBEDDED_TASK!r} (the embedded alphabet task, the default)."},
+    )
+    num_train_examples: int = field(
+        default=512, metadata={"help": f"Training prompts built for {EMBEDDED_TASK!r}; ignored for other datasets."}
+    )
+    num_eval_examples: int = field(
+        default=0,
+        metadata={"help": f"Evaluation prompts built for {EMBEDDED_TASK!r} (another seed); 0 for no eval set."},
+    )
+
+
+def model_and_init_kwargs(model_args, training_args) -> str:
+    """Returns the model path (embedded default resolved); fills `training_args.model_init_kwargs` as TRL does."""
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    return resolve_model(model_args.model_name_or_path or EMBEDDED_MODEL)
+
+
+def load_datasets(script_args, dataset_args, seed: int, build_embedded):
+    """(train, eval or None): a `datasets:` mixture, the embedded task (`build_embedded(n, seed)`) or a Hub dataset."""
+    from datasets import load_dataset
+    from trl import get_dataset
+
+    if dataset_args.datasets:
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name == EMBEDDED_TASK:
+        train = build_embedded(script_args.num_train_examples, seed)
+        evaluation = build_embedded(script_args.num_eval_examples, seed + 1) if script_args.num_eval_examples else None
+        return train, evaluation
+    else:
+        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+    return dataset[script_args.dataset_train_split], dataset.get(script_args.dataset_test_split)
+
+
+def finish(trainer, training_args, dataset_name: str | None):
+    """Save, push if asked, and end the run cleanly on every process."""
+    trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=dataset_name)
+    # Let every rank's last collective finish and its gloo worker threads drop their tensors before the group goes:
+    # otherwise freeing the DDP reducer can deadlock at exit (seen on CPU/gloo with torch 2.13, about 1 run in 5).
+    trainer.accelerator.wait_for_everyone()
+    trainer.end()
+    return trainer

@@ -1,0 +1,36 @@
+"""``SFTConfig`` / ``SFTTrainer``: TRL's SFT with hf_ext's training switches (ALLoRA: ``use_allora``)."""
+
+from dataclasses import dataclass
+
+import trl
+
+from .allora_args import ALLoRAArguments, allora_peft_config
+
+
+@dataclass
+class SFTConfig(ALLoRAArguments, trl.SFTConfig):
+    r"""
+    TRL's [`trl.SFTConfig`] plus hf_ext's switches. Every TRL field keeps its meaning and default.
+
+    Parameters:
+        use_allora (`bool`, *optional*, defaults to `False`):
+            Train the LoRA adapter (``peft_config``) with ALLoRA, arXiv 2410.09692.
+        allora_eta (`float`, *optional*, defaults to `2.0`):
+            ALLoRA's eta: the gradient scale of an output row while it is zero.
+    """
+
+    def __post_init__(self):
+        self._check_allora()
+        super().__post_init__()
+
+
+class SFTTrainer(trl.SFTTrainer):
+    """TRL's [`trl.SFTTrainer`] that honours [`hf_ext.SFTConfig`]'s switches."""
+
+    _tag_names = ["trl", "sft", "hf_ext"]
+
+    def __init__(self, model, args: SFTConfig | None = None, *pos_args, **kwargs):
+        if args is not None and getattr(args, "use_allora", False):
+            kwargs["peft_config"] = allora_peft_config(args, model, kwargs.get("peft_config"))
+            self._tag_names = [*self._tag_names, "allora"]
+        super().__init__(model, args, *pos_args, **kwargs)
