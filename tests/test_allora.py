@@ -209,3 +209,26 @@ def test_grpo_trainer_takes_the_same_switch(tmp_path):
     )
     assert sum(isinstance(m, ALLoRALinear) for m in trainer.model.modules()) == 6
     assert "allora" in trainer._tag_names
+
+
+def test_hf_ext_sft_command_runs_the_recipe(tmp_path):
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-c",
+        "from hf_ext.cli import main; raise SystemExit(main())",
+        "sft",
+        "--config",
+        "examples/configs/sft_allora.yaml",
+        "--max_steps",
+        "2",
+        "--eval_strategy",
+        "no",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "adapter_model.safetensors").exists()
