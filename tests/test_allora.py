@@ -232,3 +232,24 @@ def test_hf_ext_sft_command_runs_the_recipe(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_gpt2_conv1d_layers_train_with_allora():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    config_lora = dict(r=4, lora_alpha=4, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True)
+    allora = get_peft_model(GPT2LMHeadModel(config), enable_allora(LoraConfig(**config_lora))).train()
+    plain = get_peft_model(GPT2LMHeadModel(config), LoraConfig(**config_lora)).train()
+    plain.load_state_dict(allora.state_dict())
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    for model in (allora, plain):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert sum(isinstance(m, ALLoRALinear) for m in allora.modules()) == 1
+    (name,) = [n for n, _ in allora.named_parameters() if "lora_B" in n]
+    allora_grad, plain_grad = dict(allora.named_parameters())[name].grad, dict(plain.named_parameters())[name].grad
+    assert plain_grad.abs().sum() > 0
+    torch.testing.assert_close(allora_grad, 2.0 * plain_grad)  # B = 0: every row scaled by eta
