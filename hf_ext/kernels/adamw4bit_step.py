@@ -1,0 +1,265 @@
+"""One fused 4-bit AdamW step per parameter — Li, Chen & Zhu, arXiv 2309.01507 (4-bit AdamW, lpmm's update order).
+
+For each element, with m and v dequantized from their 4-bit codes (``hf_ext.optim.quant``):
+
+    p <- p * (1 - lr * wd)
+    m <- m + (1 - beta1) * (g - m)
+    v <- v * beta2 + ((1 - beta2) * g) * g
+    p <- p + (-lr / (1 - beta1^t) * m) / (sqrt(v) / sqrt(1 - beta2^t) + eps)     (new fp32 m, v: not re-quantized)
+
+then m is requantized with block-wise absmax (signed DE map) and v with either block-wise absmax or rank-1
+scales (linear map without zero). Each operation is a separately rounded fp32 op (no fused multiply-add) so the
+two implementations below agree bit for bit where both round IEEE (CPU twin, Triton interpreter); division and
+sqrt are correctly rounded (``div_rn``/``sqrt_rn``; the CPU twin takes sqrt in fp64, as torch's vectorised fp32
+sqrt can be 1 ulp off), which also keeps CPU results independent of the CPU's vector extensions:
+
+- ``adamw4bit_step_torch``: the pure-torch twin; works on (num_blocks, block_size) tiles exactly as the kernel does;
+- ``adamw4bit_step_triton``: a Triton kernel, one program per ``BLOCKS_PER_PROGRAM`` quantization blocks, that
+  dequantizes, updates, writes the parameter and requantizes in one pass. Block-wise v is done fully in the kernel;
+  rank-1 v (2-D after squeezing) needs the new v's row/column maxima before any code can be chosen, so they are
+  precomputed (``rank1_next_statistics``, torch) and passed in.
+
+Dispatch (``adamw4bit_step``): Triton for contiguous CUDA tensors when triton imports, the twin elsewhere (rank-1
+v with more than two non-singleton dimensions always runs the twin); ``HF_EXT_DISABLE_TRITON=1`` forces the twin.
+On a GPU the compiler may contract a multiply and an add into an FMA, so codes can differ from the twin in rare
+last-ulp ties; a run (and its resume) keeps one path per device. To run the kernel on CPU tensors, set
+TRITON_INTERPRET=1 before triton is first imported (triton's own library functions are decorated at import).
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from hf_ext.optim import quant
+
+
+try:  # triton is optional: without it (or without a GPU) everything runs the torch twin
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+
+BLOCKS_PER_PROGRAM = 4
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    """Python-float hyper-parameters of one step; both implementations round them to fp32 the same way."""
+
+    decay: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    bias_correction2_sqrt: float
+    neg_step_size: float
+    eps: float
+
+    @classmethod
+    def from_group(cls, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float):
+        return cls(
+            decay=1 - lr * weight_decay,
+            one_minus_beta1=1 - beta1,
+            beta2=beta2,
+            one_minus_beta2=1 - beta2,
+            bias_correction2_sqrt=(1 - beta2**step) ** 0.5,
+            neg_step_size=-lr / (1 - beta1**step),
+            eps=eps,
+        )
+
+
+def triton_disabled() -> bool:
+    return os.environ.get("HF_EXT_DISABLE_TRITON", "0").lower() in ("1", "true", "yes")
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """The one dispatch rule: Triton on CUDA tensors when it imports and is not disabled, the torch twin elsewhere."""
+    return triton is not None and tensor.is_cuda and not triton_disabled()
+
+
+def adamw4bit_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    m_codes: torch.Tensor,
+    m_absmax: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: list[torch.Tensor],
+    scalars: StepScalars,
+    block_size: int,
+    v_rank1: bool,
+) -> None:
+    """In place: update ``param`` and requantize m, v. ``v_scales`` = [absmax] (block) or rank-1 statistics."""
+    if use_triton(param) and param.is_contiguous() and (not v_rank1 or len(v_scales) == 2):
+        adamw4bit_step_triton(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1)
+    else:
+        adamw4bit_step_torch(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1)
+
+
+def _next_moments(m, v, grad, s: StepScalars):
+    m = m + s.one_minus_beta1 * (grad - m)
+    v = v * s.beta2 + (s.one_minus_beta2 * grad) * grad
+    return m, v
+
+
+def _dequantize_v(v_codes, v_scales, numel, block_size, v_rank1):
+    """Old v as (num_blocks, block_size) tiles; padding holds garbage that the caller masks."""
+    lin = quant.linear_map(v_codes.device)
+    if not v_rank1:
+        codes = quant.as_blocks(quant.unpack_4bit(v_codes, numel), block_size).long()
+        return lin[codes] * v_scales[0][:, None]
+    scale = quant.rank1_scale(v_scales).flatten()
+    return quant.as_blocks(lin[quant.unpack_4bit(v_codes, numel).long()] * scale, block_size)
+
+
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 sqrt, as the kernel's sqrt_rn (torch's vectorised CPU sqrt can be 1 ulp off)."""
+    return torch.sqrt(x.double()).float() if x.device.type == "cpu" else torch.sqrt(x)
+
+
+def rank1_next_statistics(grad: torch.Tensor, v_codes: torch.Tensor, v_scales: list[torch.Tensor], beta2: float):
+    """Row/column (per-dimension) maxima of the new v = v * beta2 + ((1 - beta2) * g) * g, before it is quantized."""
+    shape = tuple(stat.numel() for stat in v_scales)
+    lin = quant.linear_map(v_codes.device)
+    old = lin[quant.unpack_4bit(v_codes, grad.numel()).long()].view(shape) * quant.rank1_scale(v_scales)
+    g = grad.float().reshape(shape)
+    new = old * beta2 + ((1 - beta2) * g) * g
+    return quant.rank1_statistics(new)
+
+
+def adamw4bit_step_torch(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1) -> None:
+    """Pure-torch twin of the kernel, on the same (num_blocks, block_size) tiles; see the module docstring."""
+    numel, de, lin = param.numel(), quant.dynamic_exponent_map(param.device), quant.linear_map(param.device)
+    valid = quant.as_blocks(torch.ones(numel, dtype=torch.bool, device=param.device), block_size)
+    p = quant.as_blocks(param.detach().float(), block_size)
+    g = quant.as_blocks(grad.float(), block_size)
+    m = de[quant.as_blocks(quant.unpack_4bit(m_codes, numel), block_size).long()] * m_absmax[:, None]
+    v = _dequantize_v(v_codes, v_scales, numel, block_size, v_rank1)
+
+    p = p * scalars.decay
+    m, v = _next_moments(m, v, g, scalars)
+    m, v = torch.where(valid, m, 0.0), torch.where(valid, v, 0.0)
+    denom = _sqrt_rn(v) / scalars.bias_correction2_sqrt + scalars.eps
+    p = p + (scalars.neg_step_size * m) / denom
+    param.copy_(p.flatten()[:numel].view_as(param))
+
+    m_scale = m.abs().amax(dim=1)
+    m_q = quant.nearest_code(m / quant.safe_scale(m_scale)[:, None], de)
+    if v_rank1:
+        new_stats = quant.rank1_statistics(v.flatten()[:numel].view([stat.numel() for stat in v_scales]))
+        v_q = quant.nearest_code(v.flatten()[:numel] / quant.safe_scale(quant.rank1_scale(new_stats)).flatten(), lin)
+        for stat, new in zip(v_scales, new_stats, strict=True):
+            stat.copy_(new)
+    else:
+        v_scale = v.amax(dim=1)
+        v_q = quant.nearest_code(v / quant.safe_scale(v_scale)[:, None], lin)
+        v_scales[0].copy_(v_scale)
+        v_q = v_q.flatten()[:numel]
+    m_codes.copy_(quant.pack_tile(m_q, numel))
+    m_absmax.copy_(m_scale)
+    v_codes.copy_(quant.pack_4bit(v_q))
+
+
+def adamw4bit_step_triton(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1) -> None:
+    """Launch the fused kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); same contract as the twin."""
+    if triton is None:
+        raise RuntimeError("adamw4bit_step_triton needs triton; install it or set HF_EXT_DISABLE_TRITON=1.")
+    if v_rank1 and len(v_scales) != 2:
+        raise ValueError(f"the kernel handles rank-1 v of 2 dimensions, got {len(v_scales)}; use the torch twin")
+    if block_size < 2 or block_size & (block_size - 1):
+        raise ValueError(f"the kernel needs a power-of-two block_size >= 2, got {block_size}")
+    numel, device = param.numel(), param.device
+    if not (param.is_contiguous() and grad.is_contiguous()):
+        raise ValueError("adamw4bit_step_triton needs contiguous param and grad")
+    de, lin = quant.dynamic_exponent_map(device), quant.linear_map(device)
+    if v_rank1:
+        old_row, old_col = v_scales
+        new_row, new_col = rank1_next_statistics(grad, v_codes, v_scales, scalars.beta2)
+        n_cols = old_col.numel()
+    else:
+        old_row = old_col = new_row = new_col = v_scales[0]  # unused placeholders
+        n_cols = 1
+    blocks = quant.num_blocks(numel, block_size)
+    grid = (math.ceil(blocks / BLOCKS_PER_PROGRAM),)
+    _adamw4bit_kernel[grid](
+        param, grad, m_codes, m_absmax, v_codes, v_scales[0], old_row, old_col, new_row, new_col,
+        de, quant.code_midpoints(de).contiguous(), lin, quant.code_midpoints(lin).contiguous(),
+        numel, blocks, n_cols,
+        scalars.decay, scalars.one_minus_beta1, scalars.beta2, scalars.one_minus_beta2,
+        scalars.bias_correction2_sqrt, scalars.neg_step_size, scalars.eps,
+        BLOCK=block_size, BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM, RANK1=v_rank1,
+    )  # fmt: skip
+    if v_rank1:
+        old_row.copy_(new_row)
+        old_col.copy_(new_col)
+
+
+if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is imported to run this on CPU
+
+    @triton.jit
+    def _adamw4bit_kernel(
+        p_ptr, g_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
+        old_row_ptr, old_col_ptr, new_row_ptr, new_col_ptr,
+        de_ptr, de_mid_ptr, lin_ptr, lin_mid_ptr,
+        numel, num_blocks, n_cols,
+        decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, neg_step_size, eps,
+        BLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, RANK1: tl.constexpr,
+    ):  # fmt: skip
+        HALF: tl.constexpr = BLOCK // 2
+        blocks = tl.program_id(0) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+        block_ok = blocks < num_blocks
+        byte = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (BPP, HALF): codes of elements 2*byte, +1
+        elem = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (BPP, BLOCK) in flat order
+        valid = elem < numel
+        byte_ok = 2 * byte < numel
+
+        packed_m = tl.load(m_codes_ptr + byte, mask=byte_ok, other=0).to(tl.int32)
+        m_q = tl.reshape(tl.join(packed_m & 15, packed_m >> 4), (BLOCKS_PER_PROGRAM, BLOCK))
+        m = tl.load(de_ptr + m_q) * tl.load(m_absmax_ptr + blocks, mask=block_ok, other=0.0)[:, None]
+        packed_v = tl.load(v_codes_ptr + byte, mask=byte_ok, other=0).to(tl.int32)
+        v_q = tl.reshape(tl.join(packed_v & 15, packed_v >> 4), (BLOCKS_PER_PROGRAM, BLOCK))
+        if RANK1:
+            row, col = elem // n_cols, elem % n_cols
+            old_scale = tl.minimum(
+                tl.load(old_row_ptr + row, mask=valid, other=0.0), tl.load(old_col_ptr + col, mask=valid, other=0.0)
+            )
+        else:
+            old_scale = tl.load(v_absmax_ptr + blocks, mask=block_ok, other=0.0)[:, None]
+        v = tl.load(lin_ptr + v_q) * old_scale
+
+        p = tl.load(p_ptr + elem, mask=valid, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + elem, mask=valid, other=0.0).to(tl.float32)
+        p = p * decay
+        m = m + one_minus_beta1 * (g - m)
+        v = v * beta2 + (one_minus_beta2 * g) * g
+        m = tl.where(valid, m, 0.0)
+        v = tl.where(valid, v, 0.0)
+        denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias_correction2_sqrt) + eps
+        p = p + tl.math.div_rn(neg_step_size * m, denom)
+        if p_ptr.dtype.element_ty == tl.bfloat16:  # round to nearest even by hand, as torch's copy_ (finite values)
+            bits = p.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            tl.store(p_ptr + elem, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=valid)
+        else:
+            tl.store(p_ptr + elem, p.to(p_ptr.dtype.element_ty), mask=valid)
+
+        m_scale = tl.max(tl.abs(m), axis=1)
+        m_hat = tl.math.div_rn(m, tl.where(m_scale > 0, m_scale, 1.0)[:, None])
+        if RANK1:
+            new_scale = tl.minimum(
+                tl.load(new_row_ptr + row, mask=valid, other=0.0), tl.load(new_col_ptr + col, mask=valid, other=0.0)
+            )
+        else:
+            new_scale = tl.max(v, axis=1)[:, None]
+            tl.store(v_absmax_ptr + blocks, tl.max(v, axis=1), mask=block_ok)
+        v_hat = tl.math.div_rn(v, tl.where(new_scale > 0, new_scale, 1.0))
+        m_q = tl.zeros((BLOCKS_PER_PROGRAM, BLOCK), dtype=tl.int32)
+        v_q = tl.zeros((BLOCKS_PER_PROGRAM, BLOCK), dtype=tl.int32)
+        for k in tl.static_range(15):  # nearest code = number of midpoints strictly below (ties go down)
+            m_q += (m_hat > tl.load(de_mid_ptr + k)).to(tl.int32)
+            v_q += (v_hat > tl.load(lin_mid_ptr + k)).to(tl.int32)
+        m_lo, m_hi = tl.split(tl.reshape(m_q, (BLOCKS_PER_PROGRAM, HALF, 2)))
+        v_lo, v_hi = tl.split(tl.reshape(v_q, (BLOCKS_PER_PROGRAM, HALF, 2)))
+        tl.store(m_codes_ptr + byte, (m_lo | (m_hi << 4)).to(tl.uint8), mask=byte_ok)
+        tl.store(v_codes_ptr + byte, (v_lo | (v_hi << 4)).to(tl.uint8), mask=byte_ok)
+        tl.store(m_absmax_ptr + blocks, m_scale, mask=block_ok)

@@ -1,0 +1,358 @@
+"""AdamW with 4-bit states — Li, Chen & Zhu, "Memory Efficient Optimizers with 4-bit States", arXiv 2309.01507.
+
+Per parameter p with gradient g, step t (1-based), in fp32 whatever p's dtype (lpmm's order, PyTorch's AdamW eps):
+
+    m, v <- dequant(state)                         (zeros at t = 1)
+    p    <- p * (1 - lr * wd)                      (decoupled weight decay, before the Adam step)
+    m    <- m + (1 - beta1) (g - m)
+    v    <- beta2 v + (1 - beta2) g^2              (Factor, ndim >= 2: R, C below instead)
+    p    <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)    (the new, unquantized m and v)
+    state <- quant(m), quant(v)                    (quantization error only reaches the next step)
+
+State of a tensor with more than ``min_quantized_numel`` elements: m as 4-bit codes with block-wise absmax (block
+128, signed dynamic-exponent map); v as 4-bit codes of the linear map (i+1)/16 (no zero) with rank-1 scales
+min(row absmax, column absmax) (n-d: min over per-dimension absmax, after dropping singleton dimensions). When
+fewer than two non-singleton dimensions remain, v uses block-wise scales; this is also the path of the flat 1-D
+shards that FSDP1 and DeepSpeed ZeRO hand to the optimizer. Smaller tensors keep fp32 m and v and step exactly like
+``torch.optim.AdamW`` (foreach=False). ``AdamW4bitFactor`` replaces v of every tensor with ndim >= 2 by fp32
+Adafactor statistics (no eps added to g^2; a zero mean(R) divides as 1):
+
+    R <- beta2 R + (1 - beta2) mean_last(g^2),   C <- beta2 C + (1 - beta2) mean_{-2}(g^2),
+    v <- (R / mean_last(R))[..., :, None] * C[..., None, :]
+
+The quantized m / v step runs ``hf_ext.kernels.adamw4bit_step`` (Triton on CUDA, its torch twin elsewhere).
+``state_dict()`` holds plain tensors (uint8 codes, fp32 scales and states, a CPU fp32 ``step``) and primitives,
+so ``torch.load(weights_only=True)`` reads it; loading keeps codes uint8 and scales fp32, reads each tensor's
+layout back from its keys and refuses state dicts of other optimizers. Rounding is deterministic, so a resumed run
+is bit-identical to an uninterrupted one.
+"""
+
+import math
+
+import torch
+from torch.optim import Optimizer
+
+from hf_ext.kernels import adamw4bit_step as fused  # module import: safe in either import order
+from hf_ext.optim import quant
+
+
+Q4_FORMAT = 1  # version of the state-dict layout below (lpmm tie-breaking and nibble order)
+NONFINITE_POLICIES = ("raise", "skip")
+M_LAYOUTS = ("fp32", "q4")
+V_LAYOUTS = ("fp32", "block", "rank1", "factored")
+VALID_LAYOUTS = {("fp32", "fp32"), ("fp32", "factored"), ("q4", "block"), ("q4", "rank1"), ("q4", "factored")}
+
+
+def state_spec(param: torch.Tensor, m_layout: str, v_layout: str, block_size: int) -> dict[str, tuple]:
+    """Key -> (dtype, shape) of one parameter's state: the single definition used to create and to check it."""
+    numel, shape = param.numel(), tuple(param.shape)
+    packed, blocks = (math.ceil(numel / 2),), (quant.num_blocks(numel, block_size),)
+    spec = {"step": (torch.float32, ())}
+    if m_layout == "fp32":
+        spec["exp_avg"] = (torch.float32, shape)
+    else:
+        spec.update(exp_avg_codes=(torch.uint8, packed), exp_avg_absmax=(torch.float32, blocks))
+    if v_layout == "fp32":
+        spec["exp_avg_sq"] = (torch.float32, shape)
+    elif v_layout == "block":
+        spec.update(exp_avg_sq_codes=(torch.uint8, packed), exp_avg_sq_absmax=(torch.float32, blocks))
+    elif v_layout == "rank1":
+        spec["exp_avg_sq_codes"] = (torch.uint8, packed)
+        for k, size in enumerate(quant.squeezed_shape(shape)):
+            spec[f"exp_avg_sq_stat{k}"] = (torch.float32, (size,))
+    else:
+        spec["exp_avg_sq_row"] = (torch.float32, shape[:-1])
+        spec["exp_avg_sq_col"] = (torch.float32, shape[:-2] + shape[-1:])
+    return spec
+
+
+def state_layout(state: dict) -> tuple[str, str] | None:
+    """(m layout, v layout) read back from the keys present, or None if they match no known layout."""
+    m_layout = "fp32" if "exp_avg" in state else "q4"
+    if "exp_avg_sq" in state:
+        v_layout = "fp32"
+    elif "exp_avg_sq_row" in state:
+        v_layout = "factored"
+    elif "exp_avg_sq_stat0" in state:
+        v_layout = "rank1"
+    else:
+        v_layout = "block"
+    return (m_layout, v_layout) if (m_layout, v_layout) in VALID_LAYOUTS else None
+
+
+def choose_layout(param: torch.Tensor, group: dict) -> tuple[str, str]:
+    """Layout of a fresh state: fp32 up to ``min_quantized_numel`` elements, rank-1 v when >= 2 non-singleton dims."""
+    quantized = group["quantize"] and param.numel() > group["min_quantized_numel"]
+    if group["factor_second_moment"] and param.dim() >= 2:
+        return ("q4" if quantized else "fp32"), "factored"
+    if not quantized:
+        return "fp32", "fp32"
+    return "q4", "rank1" if quant.uses_rank1(param.shape) else "block"
+
+
+def state_nbytes(optimizer: Optimizer) -> int:
+    """Bytes held in tensors of ``optimizer.state`` (codes, scales, fp32 states, step counters)."""
+    tensors = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _check_group(owner: str, group: dict) -> None:
+    """Clear errors for invalid hyper-parameters; ``owner`` names the optimizer class."""
+
+    def fail(name: str, allowed: str) -> None:
+        raise ValueError(f"{owner}: {name} must be {allowed}, got {group[name]!r}.")
+
+    def is_number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not (is_number(group["lr"]) and group["lr"] >= 0):
+        fail("lr", "a finite float >= 0 (a Python number; tensor learning rates are not supported)")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)):
+        fail("betas", "a pair (beta1, beta2) of floats in [0, 1)")
+    group["betas"] = tuple(betas)
+    if not (is_number(group["eps"]) and group["eps"] >= 0):
+        fail("eps", "a finite float >= 0")
+    if not (is_number(group["weight_decay"]) and group["weight_decay"] >= 0):
+        fail("weight_decay", "a finite float >= 0")
+    block = group["block_size"]
+    if not (isinstance(block, int) and not isinstance(block, bool) and block >= 2 and block & (block - 1) == 0):
+        fail("block_size", "a power-of-two int >= 2 (the paper uses 128)")
+    threshold = group["min_quantized_numel"]
+    if not (isinstance(threshold, int) and not isinstance(threshold, bool) and threshold >= 0):
+        fail("min_quantized_numel", "an int >= 0 (states of tensors with more elements are quantized)")
+    if group["nonfinite_grads"] not in NONFINITE_POLICIES:
+        fail("nonfinite_grads", f"one of {NONFINITE_POLICIES}")
+
+
+class AdamW4bit(Optimizer):
+    """AdamW with 4-bit m (block-wise, DE map) and 4-bit v (rank-1, linear map without zero); see the module doc.
+
+    ``min_quantized_numel``: states of tensors with more elements than this are quantized (lpmm's ``numel > 4096``);
+    smaller tensors keep fp32 states. ``nonfinite_grads``: "raise" raises a ValueError naming the parameter before
+    anything is updated; "skip" leaves that parameter and its state untouched for this step and updates the others.
+    A param group may set ``quantize=False`` to keep fp32 states for its tensors (e.g. embeddings, bnb's convention).
+    """
+
+    factor_second_moment = False
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        block_size: int = 128,
+        min_quantized_numel: int = 4096,
+        nonfinite_grads: str = "raise",
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            block_size=block_size,
+            min_quantized_numel=min_quantized_numel,
+            nonfinite_grads=nonfinite_grads,
+            factor_second_moment=self.factor_second_moment,
+            quantize=True,
+            q4_format=Q4_FORMAT,
+        )
+        _check_group(type(self).__name__, defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        _check_group(type(self).__name__, self.param_groups[-1])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [
+            (group, index, p)
+            for group in self.param_groups
+            for index, p in enumerate(group["params"])
+            if p.grad is not None
+        ]
+        finite = self._finite_grads([p for _, _, p in work])
+        for (group, index, p), ok in zip(work, finite, strict=True):
+            if not ok and group["nonfinite_grads"] == "raise":
+                raise ValueError(self._nonfinite_message(group, index, p))
+        for (group, _, p), ok in zip(work, finite, strict=True):
+            if ok:
+                self._update(p, group)
+        return loss
+
+    def _finite_grads(self, params: list[torch.Tensor]) -> list[bool]:
+        """One device sync for all gradients (per device)."""
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+        flags = [torch.isfinite(p.grad).all() for p in params]
+        if len({f.device for f in flags}) == 1:
+            return torch.stack(flags).tolist() if flags else []
+        return [bool(f) for f in flags]
+
+    def _nonfinite_message(self, group: dict, index: int, p: torch.Tensor) -> str:
+        names = group.get("param_names")
+        where = f"param_groups[{self.param_groups.index(group)}]['params'][{index}]"
+        name = f"'{names[index]}' ({where})" if names else where
+        return (
+            f"{type(self).__name__}: the gradient of parameter {name}, shape {tuple(p.shape)}, holds NaN or Inf. "
+            "Nothing was updated. Lower the learning rate or loss scale, clip gradients, or pass "
+            "nonfinite_grads='skip' to skip such parameters' updates (their state stays untouched)."
+        )
+
+    def _init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        m_layout, v_layout = choose_layout(p, group)
+        for key, (dtype, shape) in state_spec(p, m_layout, v_layout, group["block_size"]).items():
+            device = "cpu" if key == "step" else p.device
+            fill = 0x11 * quant.DE_ZERO_CODE if key == "exp_avg_codes" else 0  # m = 0 is code 7 in both nibbles
+            state[key] = torch.full(shape, fill, dtype=dtype, device=device)
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            self._init_state(p, group, state)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        step = state["step"].item()
+        m_layout, v_layout = state_layout(state)
+        if m_layout == "q4" and v_layout in ("block", "rank1"):
+            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+            scalars = fused.StepScalars.from_group(lr, beta1, beta2, eps, weight_decay, step)
+            rank1 = v_layout == "rank1"
+            v_scales = (
+                [state[f"exp_avg_sq_stat{k}"] for k in range(len(quant.squeezed_shape(p.shape)))]
+                if rank1
+                else [state["exp_avg_sq_absmax"]]
+            )
+            fused.adamw4bit_step(
+                p, p.grad.contiguous(), state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"],
+                v_scales, scalars, group["block_size"], rank1,
+            )  # fmt: skip
+        else:
+            self._update_reference(p, group, state, step, m_layout, v_layout)
+
+    def _update_reference(self, p, group, state, step, m_layout, v_layout) -> None:
+        """fp32 or factored v: torch.optim.AdamW's own op sequence (identical results for fp32 states)."""
+        beta1, beta2 = group["betas"]
+        lr, block_size = group["lr"], group["block_size"]
+        de = quant.dynamic_exponent_map(p.device)
+        param = p if p.dtype == torch.float32 else p.float()
+        grad = p.grad.float()
+        if m_layout == "fp32":
+            exp_avg = state["exp_avg"]
+        else:
+            exp_avg = quant.dequantize_blockwise(
+                state["exp_avg_codes"], state["exp_avg_absmax"], de, p.shape, block_size
+            )
+        param.mul_(1 - lr * group["weight_decay"])
+        exp_avg.lerp_(grad, 1 - beta1)
+        if v_layout == "factored":
+            exp_avg_sq = self._factored_second_moment(state, grad, beta2)
+        else:
+            exp_avg_sq = state["exp_avg_sq"]
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+        param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+        if param is not p:
+            p.copy_(param)
+        if m_layout == "q4":
+            codes, absmax = quant.quantize_blockwise(exp_avg, de, block_size)
+            state["exp_avg_codes"].copy_(codes)
+            state["exp_avg_absmax"].copy_(absmax)
+
+    @staticmethod
+    def _factored_second_moment(state: dict, grad: torch.Tensor, beta2: float) -> torch.Tensor:
+        squared = grad * grad
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row.mul_(beta2).add_(squared.mean(dim=-1), alpha=1 - beta2)
+        col.mul_(beta2).add_(squared.mean(dim=-2), alpha=1 - beta2)
+        row_mean = row.mean(dim=-1, keepdim=True)
+        row_mean = torch.where(row_mean > 0, row_mean, torch.ones_like(row_mean))
+        return (row / row_mean).unsqueeze(-1) * col.unsqueeze(-2)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Check the layout of every state against its parameter, then load without casting codes or scales."""
+        owner = type(self).__name__
+        id_map = self._check_state_dict(state_dict)
+        loaded = {}
+        for index, saved in state_dict["state"].items():
+            p = id_map[index]
+            loaded[p] = {k: v.to("cpu" if k == "step" else p.device).clone() for k, v in saved.items()}
+        super().load_state_dict({**state_dict, "state": {}})
+        for p, saved in loaded.items():
+            self.state[p] = saved
+        for group in self.param_groups:
+            _check_group(owner, group)
+
+    def _check_state_dict(self, state_dict: dict) -> dict:
+        """Saved parameter index -> live parameter, after refusing foreign or mismatched state dicts."""
+        owner = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(f"{owner}.load_state_dict: expected a dict with 'state' and 'param_groups'.")
+        saved_groups = state_dict["param_groups"]
+        for i, group in enumerate(saved_groups):
+            if group.get("q4_format") != Q4_FORMAT:
+                raise ValueError(
+                    f"{owner}.load_state_dict: param_groups[{i}] has q4_format={group.get('q4_format')!r}, expected "
+                    f"{Q4_FORMAT}: this state dict was not saved by AdamW4bit/AdamW4bitFactor (of this version). "
+                    "Load it into the optimizer that saved it, or start this optimizer from a fresh state."
+                )
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{owner}.load_state_dict: {len(saved_groups)} saved param groups, the optimizer has "
+                f"{len(self.param_groups)}."
+            )
+        id_map = {}
+        for i, (saved, live) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            if len(saved["params"]) != len(live["params"]):
+                raise ValueError(
+                    f"{owner}.load_state_dict: param_groups[{i}] saved {len(saved['params'])} parameters, "
+                    f"the optimizer has {len(live['params'])}."
+                )
+            if saved.get("factor_second_moment") != live["factor_second_moment"]:
+                raise ValueError(
+                    f"{owner}.load_state_dict: param_groups[{i}] was saved with factor_second_moment="
+                    f"{saved.get('factor_second_moment')}, this optimizer uses {live['factor_second_moment']} "
+                    "(AdamW4bit and AdamW4bitFactor states do not mix)."
+                )
+            id_map.update({index: (p, saved) for index, p in zip(saved["params"], live["params"], strict=True)})
+        for index, state in state_dict["state"].items():
+            if index not in id_map:
+                raise ValueError(f"{owner}.load_state_dict: state for unknown parameter index {index!r}.")
+            self._check_param_state(index, state, *id_map[index])
+        return {index: p for index, (p, _) in id_map.items()}
+
+    def _check_param_state(self, index, state: dict, p: torch.Tensor, group: dict) -> None:
+        owner = type(self).__name__
+        layout = state_layout(state)
+        spec = state_spec(p, *layout, group["block_size"]) if layout is not None else {}
+        if layout is None or set(state) != set(spec):
+            raise ValueError(
+                f"{owner}.load_state_dict: state of parameter {index} (shape {tuple(p.shape)}) has keys "
+                f"{sorted(state)}, which match no {owner} layout (expected e.g. {sorted(spec) or 'exp_avg_codes'})."
+            )
+        for key, (dtype, shape) in spec.items():
+            value = state[key]
+            if not torch.is_tensor(value) or value.dtype != dtype or tuple(value.shape) != shape:
+                got = f"{value.dtype} {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(
+                    f"{owner}.load_state_dict: state['{key}'] of parameter {index} (shape {tuple(p.shape)}) is "
+                    f"{got}, expected {dtype} {shape}. The state dict belongs to another model or block_size."
+                )
+
+
+class AdamW4bitFactor(AdamW4bit):
+    """4-bit Factor: 4-bit m as in AdamW4bit; v of tensors with ndim >= 2 as fp32 row/column (Adafactor) statistics.
+
+    1-D tensors keep AdamW4bit's block-wise 4-bit v (or fp32 states when small). Same arguments as AdamW4bit.
+    """
+
+    factor_second_moment = True
