@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .trainers import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+from .trainers import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer, optimizer_cls_and_kwargs  # noqa: E402
 
 
-__all__ = ["GRPOConfig", "GRPOTrainer", "SFTConfig", "SFTTrainer", "__version__"]
+__all__ = ["GRPOConfig", "GRPOTrainer", "SFTConfig", "SFTTrainer", "__version__", "optimizer_cls_and_kwargs"]

@@ -20,6 +20,7 @@ from .allora_args import ALLoRAArguments, allora_peft_config
 from .grpo_ba import BalancedAggregationMixin
 from .grpo_gtpo import GTPOMixin
 from .grpo_real import REAL_VARIANTS, RewardsAsLabelsMixin
+from .optim_args import OptimizerArguments, OptimizerMixin
 
 
 TRL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16
@@ -91,7 +92,7 @@ def _check(condition: bool, message: str) -> None:
 
 
 @dataclass
-class GRPOConfig(ALLoRAArguments, trl.GRPOConfig):
+class GRPOConfig(ALLoRAArguments, OptimizerArguments, trl.GRPOConfig):
     r"""
     TRL's [`trl.GRPOConfig`] with hf_ext's loss types. Every TRL field keeps its meaning and default.
 
@@ -130,6 +131,9 @@ class GRPOConfig(ALLoRAArguments, trl.GRPOConfig):
             Train the LoRA adapter (``peft_config``) with ALLoRA, arXiv 2410.09692.
         allora_eta (`float`, *optional*, defaults to `2.0`):
             ALLoRA's eta: the gradient scale of an output row while it is zero.
+        optim (`str`):
+            Any Transformers optimizer, or `"hf_ext_adamw_4bit"` / `"hf_ext_adamw_4bit_factor"` (4-bit AdamW states,
+            arXiv 2309.01507) with `optim_args` keys `block_size`, `min_quantized_numel`, `nonfinite_grads`.
     """
 
     loss_type: str = field(
@@ -191,7 +195,9 @@ class GRPOConfig(ALLoRAArguments, trl.GRPOConfig):
                     f"group: {name} must be >= 2, got {value}.",
                 )
         self._check_allora()
+        optim = self._hand_over_optim()
         super().__post_init__()
+        self._take_back_optim(optim)
         for name in ("ba_sign_tolerance", "real_sign_tolerance", "gtpo_sign_tolerance"):
             value = getattr(self, name)
             _check(0 <= value < math.inf, f"{name} must be a finite number >= 0, got {value}.")
@@ -286,7 +292,7 @@ def _require_finite_rewards(reward_func, name: str):
     return checked
 
 
-class GRPOTrainer(BalancedAggregationMixin, RewardsAsLabelsMixin, GTPOMixin, trl.GRPOTrainer):
+class GRPOTrainer(BalancedAggregationMixin, RewardsAsLabelsMixin, GTPOMixin, OptimizerMixin, trl.GRPOTrainer):
     """TRL's [`trl.GRPOTrainer`] that also runs hf_ext's loss types. Use with [`hf_ext.GRPOConfig`]."""
 
     _tag_names = ["trl", "grpo", "hf_ext"]

@@ -5,10 +5,11 @@ from dataclasses import dataclass
 import trl
 
 from .allora_args import ALLoRAArguments, allora_peft_config
+from .optim_args import OptimizerArguments, OptimizerMixin
 
 
 @dataclass
-class SFTConfig(ALLoRAArguments, trl.SFTConfig):
+class SFTConfig(ALLoRAArguments, OptimizerArguments, trl.SFTConfig):
     r"""
     TRL's [`trl.SFTConfig`] plus hf_ext's switches. Every TRL field keeps its meaning and default.
 
@@ -17,14 +18,19 @@ class SFTConfig(ALLoRAArguments, trl.SFTConfig):
             Train the LoRA adapter (``peft_config``) with ALLoRA, arXiv 2410.09692.
         allora_eta (`float`, *optional*, defaults to `2.0`):
             ALLoRA's eta: the gradient scale of an output row while it is zero.
+        optim (`str`):
+            Any Transformers optimizer, or `"hf_ext_adamw_4bit"` / `"hf_ext_adamw_4bit_factor"` (4-bit AdamW states,
+            arXiv 2309.01507) with `optim_args` keys `block_size`, `min_quantized_numel`, `nonfinite_grads`.
     """
 
     def __post_init__(self):
         self._check_allora()
+        optim = self._hand_over_optim()
         super().__post_init__()
+        self._take_back_optim(optim)
 
 
-class SFTTrainer(trl.SFTTrainer):
+class SFTTrainer(OptimizerMixin, trl.SFTTrainer):
     """TRL's [`trl.SFTTrainer`] that honours [`hf_ext.SFTConfig`]'s switches."""
 
     _tag_names = ["trl", "sft", "hf_ext"]
