@@ -6,7 +6,7 @@ Three tables, each with the anchors measured beside ours:
 2. median step time on the same parameters, as a ratio to torch AdamW (fused where the device has it) and to
    bitsandbytes AdamW8bit (GPU goal: no slower than AdamW8bit);
 3. final training loss of a short full fine-tune of the embedded default on its task, 3 seeds
-   (goal: within 1% of fp32 AdamW).
+   (goal: within 1% of fp32 AdamW; 25 steps, while the loss still moves, so 1% is above seed noise).
 
     python benchmarks/bench_optim.py [--device cuda] [--steps 200]
 """
@@ -138,8 +138,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scale", type=int, default=4, help="hidden size = 256 * scale")
     parser.add_argument("--timed_steps", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=200, help="fine-tune steps")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=25, help="fine-tune steps (the loss is still ~0.85; ~0 by 200)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     cli = parser.parse_args()
     print(f"torch {torch.__version__}, device {cli.device}")
     factories = anchors(cli.device)
