@@ -2,8 +2,6 @@
 under gradient accumulation and several processes, and a real learning run on the embedded task."""
 
 import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from hf_ext.trainers import HF_EXT_LOSS_TYPES
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
 import grpo_fixed_rollouts  # noqa: E402
+from multiproc import launch_two_processes  # noqa: E402
 
 
 def tiny_config(tmp_path, **overrides) -> GRPOConfig:
@@ -273,27 +272,12 @@ def test_each_loss_moves_the_weights_its_own_way(loss_type, tmp_path_factory, tm
     assert max_param_difference(one_process_reference(loss_type, tmp_path_factory), grpo) > 1e-2
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.multiproc
 @pytest.mark.parametrize("loss_type", HF_EXT_LOSSES)
 def test_two_processes_equal_one_process(loss_type, tmp_path_factory, tmp_path):
-    out = tmp_path / "two.pt"
-    script = str(REPO / "tests" / "scripts" / "grpo_fixed_rollouts.py")
-    launch = ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())]
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launch, script, "--loss_type", loss_type]
-    log = tmp_path / "launch.log"
-    with open(log, "w") as handle:
-        command += ["--per_device_batch", "6", "--out", str(out)]
-        subprocess.run(command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, timeout=120)
-    assert out.exists(), log.read_text()[-3000:]
-    two = torch.load(out, weights_only=False)
+    script = REPO / "tests" / "scripts" / "grpo_fixed_rollouts.py"
+    two = launch_two_processes(script, ["--loss_type", loss_type, "--per_device_batch", "6"], tmp_path / "two.pt")
     reference = one_process_reference(loss_type, tmp_path_factory)
-    assert two["world_size"] == 2
     assert max_param_difference(reference, two) < 5e-6
     assert two["losses"] == pytest.approx(reference["losses"], rel=1e-5, abs=1e-7)
 

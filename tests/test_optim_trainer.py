@@ -2,8 +2,6 @@
 bit-exact checkpoint resume through the Trainer, and 2 CPU processes against 1."""
 
 import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from hf_ext.scripts.sft import make_parser
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
 import sft_optim  # noqa: E402
+from multiproc import launch_two_processes  # noqa: E402
 
 
 def sft_config(tmp_path, **overrides) -> SFTConfig:
@@ -98,35 +97,10 @@ def test_resume_through_the_trainer_is_bit_exact(tmp_path, name):
         assert torch.equal(value, resumed["params"][key]), key
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.multiproc
 def test_two_processes_equal_one_process(tmp_path):
     one, _ = sft_optim.train("hf_ext_adamw_4bit", str(tmp_path / "one"))
-    out = tmp_path / "two.pt"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
-        str(REPO / "tests" / "scripts" / "sft_optim.py"),
-        "--out",
-        str(out),
-    ]
-    log = tmp_path / "launch.log"
-    with open(log, "w") as handle:
-        subprocess.run(command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, timeout=120)
-    assert out.exists(), log.read_text()[-3000:]
-    two = torch.load(out, weights_only=False)
-    assert two["world_size"] == 2
+    two = launch_two_processes(REPO / "tests" / "scripts" / "sft_optim.py", [], tmp_path / "two.pt")
     moved = max((one["params"][k] - p).abs().max().item() for k, p in build_tiny_model().named_parameters())
     difference = max((one["params"][k] - two["params"][k]).abs().max().item() for k in one["params"])
     assert moved > 1e-2 and difference < 1e-5

@@ -51,11 +51,26 @@ def load_datasets(script_args, dataset_args, seed: int, build_embedded):
     return dataset[script_args.dataset_train_split], dataset.get(script_args.dataset_test_split)
 
 
-def finish(trainer, training_args, dataset_name: str | None):
-    """Save, push if asked, and end the run cleanly on every process."""
+def train(trainer_cls, script_args, training_args, model_args, dataset_args, build_embedded, **trainer_kwargs):
+    """Build ``trainer_cls`` as TRL's scripts do (model, datasets, quantization, LoRA from ``model_args``), train,
+    save, push if asked, and end the run cleanly on every process. Returns the trainer."""
+    from trl import get_peft_config, get_quantization_config
+
+    model = model_and_init_kwargs(model_args, training_args)
+    train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args.seed, build_embedded)
+    trainer = trainer_cls(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+        **trainer_kwargs,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=dataset_name)
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
     # Let every rank's last collective finish and its gloo worker threads drop their tensors before the group goes:
     # otherwise freeing the DDP reducer can deadlock at exit (seen on CPU/gloo with torch 2.13, about 1 run in 5).
     trainer.accelerator.wait_for_everyone()

@@ -16,7 +16,7 @@ from trl import DatasetMixtureConfig, ModelConfig, TrlParser
 from trl.scripts.grpo import GRPOScriptArguments as TrlGRPOScriptArguments
 
 from hf_ext.embedded import EMBEDDED_TASK
-from hf_ext.scripts.common import EmbeddedDatasetArguments, finish, load_datasets, model_and_init_kwargs
+from hf_ext.scripts.common import EmbeddedDatasetArguments, train
 from hf_ext.trainers import GRPOConfig
 
 
@@ -55,24 +55,13 @@ def main(
     model_args: ModelConfig,
     dataset_args: DatasetMixtureConfig,
 ):
-    from trl import get_peft_config, get_quantization_config
-
     from hf_ext.embedded import count_dataset
     from hf_ext.trainers import GRPOTrainer
 
-    model = model_and_init_kwargs(model_args, training_args)
-    train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args.seed, count_dataset)
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=load_reward_funcs(script_args.reward_funcs, script_args.dataset_name),
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
+    reward_funcs = load_reward_funcs(script_args.reward_funcs, script_args.dataset_name)
+    return train(
+        GRPOTrainer, script_args, training_args, model_args, dataset_args, count_dataset, reward_funcs=reward_funcs
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    return finish(trainer, training_args, script_args.dataset_name)
 
 
 def make_parser(prog: str | None = None) -> TrlParser:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-from hf_ext.scripts.common import EmbeddedDatasetArguments, finish, load_datasets, model_and_init_kwargs
+from hf_ext.scripts.common import EmbeddedDatasetArguments, train
 from hf_ext.trainers import SFTConfig
 
 
@@ -26,23 +26,10 @@ def main(
     model_args: ModelConfig,
     dataset_args: DatasetMixtureConfig,
 ):
-    from trl import get_peft_config, get_quantization_config
-
     from hf_ext.embedded import count_sft_dataset
     from hf_ext.trainers import SFTTrainer
 
-    model = model_and_init_kwargs(model_args, training_args)
-    train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args.seed, count_sft_dataset)
-    trainer = SFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-    )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    return finish(trainer, training_args, script_args.dataset_name)
+    return train(SFTTrainer, script_args, training_args, model_args, dataset_args, count_sft_dataset)
 
 
 def make_parser(prog: str | None = None) -> TrlParser:

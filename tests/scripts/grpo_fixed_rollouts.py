@@ -6,10 +6,8 @@ updated weights and logged losses must agree if the loss is aggregated exactly. 
 """
 
 import argparse
-import os
-import sys
 
-import torch
+from multiproc import save_and_exit, training_result
 
 from hf_ext import GRPOConfig, GRPOTrainer
 from hf_ext.embedded import ALPHABET, count_dataset, count_reward, materialize_model
@@ -68,12 +66,7 @@ def train(loss_type: str, per_device_batch: int, grad_accum: int, output_dir: st
         rollout_func=fixed_rollout,
     )
     trainer.train()
-    result = {
-        "params": {name: p.detach().clone() for name, p in trainer.model.named_parameters()},
-        "losses": [log["loss"] for log in trainer.state.log_history if "loss" in log],
-        "world_size": trainer.accelerator.num_processes,
-        "is_main_process": trainer.accelerator.is_main_process,
-    }
+    result = training_result(trainer)
     return result, trainer
 
 
@@ -85,10 +78,4 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True)
     cli = parser.parse_args()
     result, trainer = train(cli.loss_type, cli.per_device_batch, cli.grad_accum, output_dir=cli.out + ".run")
-    if result["is_main_process"]:
-        torch.save(result, cli.out)
-    # Exit without tearing the trainer down: under gloo, freeing the DDP reducer can deadlock (ProcessGroupGloo's
-    # destructor joins a worker thread that waits for the GIL the destructor holds; seen with torch 2.13, 1 run in 4).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    save_and_exit(result, cli.out)

@@ -6,9 +6,8 @@ step), so 2 processes take 8 rows each. Rank 0 writes {"params", "losses", "worl
 
 import argparse
 import os
-import sys
 
-import torch
+from multiproc import save_and_exit, training_result
 
 from hf_ext import SFTConfig, SFTTrainer
 from hf_ext.embedded import count_sft_dataset, materialize_model
@@ -42,12 +41,7 @@ def train(optim: str, output_dir: str, max_steps: int = 3, **overrides):
     args = SFTConfig(**{**values, **overrides})
     trainer = SFTTrainer(str(materialize_model()), args=args, train_dataset=count_sft_dataset(256))
     trainer.train(resume_from_checkpoint=overrides.get("resume_from_checkpoint"))
-    result = {
-        "params": {name: p.detach().clone() for name, p in trainer.model.named_parameters()},
-        "losses": [log["loss"] for log in trainer.state.log_history if "loss" in log],
-        "world_size": trainer.accelerator.num_processes,
-        "is_main_process": trainer.accelerator.is_main_process,
-    }
+    result = training_result(trainer)
     return result, trainer
 
 
@@ -57,8 +51,4 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True)
     cli = parser.parse_args()
     result, trainer = train(cli.optim, output_dir=cli.out + ".run")
-    if result["is_main_process"]:
-        torch.save(result, cli.out)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # see grpo_fixed_rollouts.py: skip the gloo teardown that can deadlock
+    save_and_exit(result, cli.out)
