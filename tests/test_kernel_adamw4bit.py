@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from hf_ext.kernels import adamw4bit_step as fused
+from hf_ext.kernels import dispatch
 from hf_ext.optim import AdamW4bit, quant
 
 
@@ -98,6 +99,6 @@ def test_dispatch_rule(monkeypatch):
     cpu = torch.zeros(4)
     assert not fused.use_triton(cpu)  # twin off CUDA
     monkeypatch.setenv("HF_EXT_DISABLE_TRITON", "1")
-    assert fused.triton_disabled()
+    assert dispatch.triton_disabled()
     monkeypatch.setenv("HF_EXT_DISABLE_TRITON", "0")
-    assert not fused.triton_disabled()
+    assert not dispatch.triton_disabled()

@@ -27,19 +27,13 @@ TRITON_INTERPRET=1 before triton is first imported (triton's own library functio
 """
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
+from hf_ext.kernels.dispatch import tl, triton, use_triton  # noqa: F401 (tl: used by the kernel when triton imports)
 from hf_ext.optim import quant
 
-
-try:  # triton is optional: without it (or without a GPU) everything runs the torch twin
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the machine
-    triton = None
 
 BLOCKS_PER_PROGRAM = 4
 
@@ -67,15 +61,6 @@ class StepScalars:
             neg_step_size=-lr / (1 - beta1**step),
             eps=eps,
         )
-
-
-def triton_disabled() -> bool:
-    return os.environ.get("HF_EXT_DISABLE_TRITON", "0").lower() in ("1", "true", "yes")
-
-
-def use_triton(tensor: torch.Tensor) -> bool:
-    """The one dispatch rule: Triton on CUDA tensors when it imports and is not disabled, the torch twin elsewhere."""
-    return triton is not None and tensor.is_cuda and not triton_disabled()
 
 
 def adamw4bit_step(

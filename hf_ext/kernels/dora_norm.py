@@ -1,0 +1,183 @@
+"""DoRA's weight row norm from the LoRA factors — Zelenin & Zhuravlyova, arXiv 2603.22276 (Scaling DoRA).
+
+DoRA (Liu et al., arXiv 2402.09353) scales each output row by ``m_i / n_i`` with, per output feature i,
+
+    n_i^2 = ||W_i + s (B A)_i||^2
+          = ||W_i||^2  +  2 s sum_k B_ik U_ik  +  s^2 sum_k (B G)_ik B_ik,    U = W A^T (d_out x r), G = A A^T (r x r)
+
+so no d_out x d_in temporary (PEFT's ``B A``) is ever formed. ``W`` is (d_out, d_in) after undoing
+``fan_in_fan_out`` (GPT-2's Conv1D stores it transposed), ``A = lora_A.weight`` (r, d_in), ``B = lora_B.weight``
+(d_out, r). Everything accumulates in fp32 whatever the input dtypes; ``n^2`` is clamped at 0 before the sqrt;
+the result is detached (DoRA treats n as a constant) and fp32, shape (d_out,).
+
+Algorithm, shared by both implementations: ``A`` is upcast once and ``G`` formed once; output rows are processed
+in chunks sized so that one chunk's fp32 working set (a W row block, its U, B and B G rows) plus the fixed part
+(A, G, the output) stays under ``chunk_bytes``. Per chunk, ``U = W_c A^T`` is a torch GEMM (fp32), ``||W_c||^2``
+is taken from the same upcast block unless the caller passes a cached ``weight_sq`` (``weight_sq_norms``), and
+the per-row combination ``||W||^2 + 2 s rowdot(B, U) + s^2 rowdot(B G, B)``, clamp and sqrt is done by
+
+- ``combine_rows_torch``: the pure-torch twin;
+- ``combine_rows_triton``: a Triton kernel, one program per ``BLOCK_M`` rows, looping over rank blocks of
+  ``BLOCK_R`` (``B G`` is built block by block with fp32 ``tl.dot`` (``input_precision="ieee"``, no TF32) and
+  never stored).
+
+With ``s == 0`` the LoRA terms are skipped (n = ||W||). Dispatch (``factored_row_norm``): the kernel for CUDA
+tensors when triton imports, the twin elsewhere; ``HF_EXT_DISABLE_TRITON=1`` forces the twin (the rule lives in
+``hf_ext.kernels.dispatch``). The two agree to fp32 rounding, not bit for bit (different
+summation order). To run the kernel on CPU tensors, set TRITON_INTERPRET=1 before triton is first imported.
+"""
+
+import torch
+
+from hf_ext.kernels.dispatch import tl, triton, use_triton  # noqa: F401 (tl: used by the kernel when triton imports)
+
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+BLOCK_M = 32
+BLOCK_R = 32
+_FP32 = 4
+
+
+def _oriented(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """``W`` as (d_out, d_in): a view, transposed when the layer stores it as (d_in, d_out)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (a Linear or Conv1D weight), got shape {tuple(weight.shape)}")
+    return weight.t() if fan_in_fan_out else weight
+
+
+def rows_per_chunk(d_out: int, d_in: int, rank: int, chunk_bytes: int) -> int:
+    """Output rows per chunk: fixed fp32 part (A, G, output) plus per row (W row, U, B, B G) under the budget."""
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}; the default is {DEFAULT_CHUNK_BYTES}")
+    fixed = (rank * d_in + rank * rank + d_out) * _FP32
+    per_row = (d_in + 3 * rank) * _FP32
+    return max(1, min(d_out, (chunk_bytes - fixed) // per_row))
+
+
+def _row_sq(block: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("ij,ij->i", block, block)  # batched row dot products: no squared copy of the block
+
+
+def weight_sq_norms(weight: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """``||W_i||^2`` per output row, fp32, detached, shape (d_out,): cache it per module (W is frozen)."""
+    w = _oriented(weight, fan_in_fan_out)
+    d_out, d_in = w.shape
+    step = rows_per_chunk(d_out, d_in, 0, DEFAULT_CHUNK_BYTES)
+    out = torch.empty(d_out, dtype=torch.float32, device=w.device)
+    with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
+        for start in range(0, d_out, step):
+            out[start : start + step] = _row_sq(w[start : start + step].detach().float())
+    return out
+
+
+def factored_row_norm(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    fan_in_fan_out: bool = False,
+    weight_sq: torch.Tensor | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """``||W + scaling * lora_B @ lora_A||`` per output row, fp32, detached, shape (d_out,); see the module docstring.
+
+    ``lora_A``: (r, d_in), ``lora_B``: (d_out, r) (PEFT's ``lora_A.weight`` / ``lora_B.weight``); ``weight_sq``: an
+    optional precomputed ``weight_sq_norms(weight, fan_in_fan_out)``; ``chunk_bytes``: fp32 working-set budget.
+    """
+    combine = combine_rows_triton if use_triton(weight) else combine_rows_torch
+    return _factored_row_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, weight_sq, chunk_bytes, combine)
+
+
+def _check_shapes(w, lora_A, lora_B, weight_sq):
+    d_out, d_in = w.shape
+    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != d_in or lora_B.shape != (d_out, lora_A.shape[0]):
+        raise ValueError(
+            f"expected lora_A (r, {d_in}) and lora_B ({d_out}, r) for W of (d_out, d_in) = {(d_out, d_in)}, got "
+            f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}; pass lora_A.weight / lora_B.weight and "
+            "set fan_in_fan_out=True if W is stored as (d_in, d_out)"
+        )
+    if weight_sq is not None and weight_sq.shape != (d_out,):
+        raise ValueError(
+            f"weight_sq must have shape ({d_out},) (one squared norm per output row), got {tuple(weight_sq.shape)}; "
+            "compute it with weight_sq_norms(weight, fan_in_fan_out)"
+        )
+
+
+def _factored_row_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, weight_sq, chunk_bytes, combine):
+    """The chunk loop shared by both paths; ``combine`` does the per-row combination (twin or kernel)."""
+    w = _oriented(weight, fan_in_fan_out)
+    _check_shapes(w, lora_A, lora_B, weight_sq)
+    d_out, d_in = w.shape
+    scaling = float(scaling)
+    rank = 0 if scaling == 0.0 else lora_A.shape[0]
+    step = rows_per_chunk(d_out, d_in, rank, chunk_bytes)
+    out = torch.empty(d_out, dtype=torch.float32, device=w.device)
+    with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
+        if rank:
+            a = lora_A.detach().float()
+            gram = (a @ a.t()).contiguous()
+        for start in range(0, d_out, step):
+            rows = slice(start, start + step)
+            w_c = w[rows].detach().float() if rank or weight_sq is None else None
+            wsq = _row_sq(w_c) if weight_sq is None else weight_sq[rows].detach().float()
+            if not rank:
+                out[rows] = torch.sqrt(wsq.clamp_min(0.0))
+                continue
+            u = w_c @ a.t()
+            out[rows] = combine(u, lora_B[rows].detach().float(), gram, wsq, scaling)
+    return out
+
+
+def combine_rows_torch(u, b, gram, wsq, scaling: float) -> torch.Tensor:
+    """Twin of the kernel: ``sqrt(max(wsq + 2 s rowdot(b, u) + s^2 rowdot(b G, b), 0))``, all fp32."""
+    cross = (b * u).sum(dim=1)
+    gram_term = ((b @ gram) * b).sum(dim=1)
+    return torch.sqrt((wsq + (2.0 * scaling) * cross + (scaling * scaling) * gram_term).clamp_min(0.0))
+
+
+def combine_rows_triton(u, b, gram, wsq, scaling: float) -> torch.Tensor:
+    """Launch the row-combination kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); same contract as the twin."""
+    if triton is None:
+        raise RuntimeError("combine_rows_triton needs triton; install it or set HF_EXT_DISABLE_TRITON=1.")
+    n_rows, rank = b.shape
+    u, b, gram, wsq = (t.float().contiguous() for t in (u, b, gram, wsq))
+    out = torch.empty(n_rows, dtype=torch.float32, device=b.device)
+    if n_rows == 0:
+        return out
+    grid = (triton.cdiv(n_rows, BLOCK_M),)
+    _dora_norm_rows_kernel[grid](
+        u, b, gram, wsq, out, n_rows, rank, 2.0 * scaling, scaling * scaling, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R
+    )
+    return out
+
+
+if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is imported to run this on CPU
+
+    @triton.jit
+    def _dora_norm_rows_kernel(
+        u_ptr, b_ptr, g_ptr, wsq_ptr, out_ptr, n_rows, rank, two_s, s_sq,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        cross = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        gram_term = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, rank, BLOCK_R):
+            ks = k0 + tl.arange(0, BLOCK_R)
+            k_ok = ks < rank
+            tile_ok = row_ok[:, None] & k_ok[None, :]
+            b_k = tl.load(b_ptr + rows[:, None] * rank + ks[None, :], mask=tile_ok, other=0.0)
+            u_k = tl.load(u_ptr + rows[:, None] * rank + ks[None, :], mask=tile_ok, other=0.0)
+            cross += tl.sum(b_k * u_k, axis=1)
+            bg_k = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)  # columns ks of B G, never stored
+            for j0 in range(0, rank, BLOCK_R):
+                js = j0 + tl.arange(0, BLOCK_R)
+                j_ok = js < rank
+                b_tile_ok = row_ok[:, None] & j_ok[None, :]
+                b_j = tl.load(b_ptr + rows[:, None] * rank + js[None, :], mask=b_tile_ok, other=0.0)
+                g_jk = tl.load(g_ptr + js[:, None] * rank + ks[None, :], mask=j_ok[:, None] & k_ok[None, :], other=0.0)
+                bg_k += tl.dot(b_j, g_jk, input_precision="ieee")
+            gram_term += tl.sum(bg_k * b_k, axis=1)
+        wsq = tl.load(wsq_ptr + rows, mask=row_ok, other=0.0)
+        sq = tl.maximum(wsq + two_s * cross + s_sq * gram_term, 0.0)
+        tl.store(out_ptr + rows, tl.math.sqrt_rn(sq), mask=row_ok)
