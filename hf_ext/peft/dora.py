@@ -1,0 +1,184 @@
+"""DoRA with the factored weight norm — Liu et al., arXiv 2402.09353 (DoRA); Zelenin & Zhuravlyova, arXiv 2603.22276.
+
+For a linear layer with frozen ``W`` (d_out x d_in, after undoing ``fan_in_fan_out``), LoRA factors ``A`` (r x d_in),
+``B`` (d_out x r), scaling ``s`` and magnitude ``m`` (d_out,), DoRA computes
+
+    n_i = ||W_i + s (B A)_i||_2          (fp32, detached: no gradient flows into n, DoRA section 4.3)
+    g   = m / n
+    y   = result + (g - 1) * base + g * lora * s,    base = W x (= result - bias), lora = B A x
+
+which is PEFT 0.21.2's composition, in PEFT's product order, so CPU outputs match PEFT to fp32 rounding. Only the
+norm changes: PEFT pushes an identity matrix through both LoRA layers to form the d_out x d_in ``B A``; here
+``n`` comes from ``hf_ext.kernels.dora_norm.factored_row_norm`` (``||W||^2 + 2 s rowdot(B, W A^T) +
+s^2 rowdot(B A A^T, B)``), with ``||W||^2`` cached per module and recomputed when the base weight changes
+(keyed on its ``data_ptr`` and ``_version``; an in-place change through ``weight.data`` bumps neither, so call
+``clear_weight_sq_cache(module)`` after one). Merging, unmerging and the saved format are PEFT's: an adapter trained
+here is a plain DoRA adapter that vanilla PEFT loads; nothing is added to ``adapter_config.json``.
+
+``enable_fast_dora(LoraConfig(use_dora=True, ...))`` returns a copy of the config whose plain ``nn.Linear`` (exact
+type, so bitsandbytes subclasses are left to PEFT) and transformers ``Conv1D`` targets get ``FastDoraLinear``;
+every other target type falls back to PEFT's own DoRA with a warning naming the type.
+"""
+
+import copy
+import warnings
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraVariant
+from peft.tuners.lora.variants import DoraLinearVariant
+from peft.utils.integrations import dequantize_module_weight
+from peft.utils.other import transpose
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from hf_ext.kernels.dora_norm import factored_row_norm, weight_sq_norms
+
+
+_CACHE_ATTR = "_fast_dora_weight_sq"
+
+
+def _weight_key(weight: torch.Tensor, fan_in_fan_out: bool) -> tuple:
+    return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device, fan_in_fan_out)
+
+
+def cached_weight_sq(module: nn.Module, weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """``||W_i||^2`` per output row (fp32, detached), cached on ``module`` until the base weight changes."""
+    key = _weight_key(weight, fan_in_fan_out)
+    entry = module.__dict__.get(_CACHE_ATTR)
+    if entry is None or entry[0] != key:
+        entry = (key, weight_sq_norms(weight, fan_in_fan_out))
+        module.__dict__[_CACHE_ATTR] = entry  # a plain attribute: never part of the state dict
+    return entry[1]
+
+
+def clear_weight_sq_cache(module: nn.Module) -> None:
+    """Drop the cached ``||W||^2`` of ``module`` and of every submodule (e.g. after editing ``weight.data``)."""
+    for sub in module.modules():
+        sub.__dict__.pop(_CACHE_ATTR, None)
+
+
+def _check_same_dtype_and_device(module: LoraLinear, adapter: str, weight: torch.Tensor, x: torch.Tensor) -> None:
+    """The base weight, A, B, the magnitude and the LoRA input on one device; A, B, magnitude and input in one dtype.
+
+    A base weight in another floating dtype than the adapter is allowed: it is PEFT's default with a bf16/fp16 base
+    (``autocast_adapter_dtype=True`` keeps adapters in fp32), and the norm is taken in fp32 either way.
+    """
+    tensors = {
+        "base weight": weight,
+        f"lora_A[{adapter!r}]": module.lora_A[adapter].weight,
+        f"lora_B[{adapter!r}]": module.lora_B[adapter].weight,
+        f"lora_magnitude_vector[{adapter!r}]": module.lora_magnitude_vector[adapter].weight,
+        "input": x,
+    }
+    devices = {name: t.device for name, t in tensors.items()}
+    adapter_dtypes = {name: t.dtype for name, t in tensors.items() if name != "base weight"}
+    if len(set(devices.values())) > 1 or len(set(adapter_dtypes.values())) > 1 or not weight.is_floating_point():
+        found = ", ".join(f"{name}: {t.dtype} on {t.device}" for name, t in tensors.items())
+        raise ValueError(
+            "Mismatched dtypes or devices between base and adapter in fast DoRA: all must be on one device, the "
+            f"adapter (A, B, magnitude) and its input in one dtype, and the base weight floating point; got {found}. "
+            "Move the model with model.to(device) and cast the adapter with model.to(dtype) or leave PEFT's "
+            "autocast_adapter_dtype at its default."
+        )
+
+
+class FastDoraLinearVariant(DoraLinearVariant):
+    """PEFT's DoRA variant for linear layers with the factored fp32 weight norm; init and merging are inherited."""
+
+    @staticmethod
+    def forward(module: LoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
+        lora_A = module.lora_A[active_adapter]
+        lora_B = module.lora_B[active_adapter]
+        dropout = module.lora_dropout[active_adapter]
+        scaling = module.scaling[active_adapter]
+        magnitude = module.lora_magnitude_vector[active_adapter].weight
+        base_layer = module.get_base_layer()
+        fan_in_fan_out = module.fan_in_fan_out
+        weight = dequantize_module_weight(base_layer)
+        _check_same_dtype_and_device(module, active_adapter, weight, x)
+
+        weight_sq = cached_weight_sq(module, weight, fan_in_fan_out)
+        weight_norm = factored_row_norm(
+            weight, lora_A.weight, lora_B.weight, scaling, fan_in_fan_out=fan_in_fan_out, weight_sq=weight_sq
+        )
+        mag_norm_scale = (magnitude / weight_norm.clamp_min(1e-12)).view(1, -1)  # fp32 unless m is fp64
+
+        if isinstance(dropout, nn.Identity) or not module.training:
+            base_result = result
+            bias = base_layer.bias
+            if bias is not None:
+                base_result = base_result - bias
+        else:
+            x = dropout(x)
+            base_result = F.linear(x, transpose(weight.to(x.dtype), fan_in_fan_out))
+
+        lora_result = lora_B(lora_A(x))
+        return result + ((mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling)
+
+
+class FastDoraLinear(LoraLinear):
+    """PEFT's LoRA ``Linear`` for ``nn.Linear`` and ``Conv1D`` bases; DoRA runs through ``FastDoraLinearVariant``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs):
+        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+        if isinstance(base, Conv1D):  # what PEFT's dispatch_default does for Conv1D
+            kwargs["is_target_conv_1d_layer"] = True
+            if not config.fan_in_fan_out:
+                warnings.warn(
+                    "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting it to True.",
+                    stacklevel=2,
+                )
+                config.fan_in_fan_out = True
+        elif type(base) is nn.Linear:
+            if config.fan_in_fan_out:
+                warnings.warn(
+                    "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting False.",
+                    stacklevel=2,
+                )
+                config.fan_in_fan_out = False
+        else:
+            raise TypeError(
+                f"FastDoraLinear supports torch.nn.Linear (exact type) and transformers Conv1D bases, not "
+                f"{type(base).__module__}.{type(base).__name__}; use enable_fast_dora(config), which leaves other "
+                "layer types to PEFT's own DoRA."
+            )
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs) -> LoraVariant | None:
+        variant = super().resolve_lora_variant(config=config, **kwargs)
+        return FastDoraLinearVariant() if type(variant) is DoraLinearVariant else variant
+
+
+def _dispatch_fast_dora(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs) -> nn.Module | None:
+    """The custom-module factory: ``FastDoraLinear`` for supported bases, ``None`` (PEFT's dispatchers) otherwise."""
+    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+    if type(base) is nn.Linear or isinstance(base, Conv1D):
+        return FastDoraLinear(target, adapter_name, config=config, **kwargs)
+    warnings.warn(
+        f"fast DoRA supports torch.nn.Linear and transformers Conv1D targets only; "
+        f"{type(base).__module__}.{type(base).__name__} falls back to PEFT's own DoRA (dense B @ A norm).",
+        stacklevel=2,
+    )
+    return None
+
+
+def enable_fast_dora(config: LoraConfig) -> LoraConfig:
+    """A copy of ``config`` (which must have ``use_dora=True``) whose linear DoRA layers use the factored norm.
+
+    Use it like any ``LoraConfig``: ``get_peft_model(model, enable_fast_dora(LoraConfig(use_dora=True, ...)))``.
+    The registration is not serialized: the saved adapter is a plain PEFT DoRA adapter.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"enable_fast_dora needs a peft.LoraConfig, got {type(config).__name__}.")
+    if not config.use_dora:
+        raise ValueError(
+            "enable_fast_dora speeds up DoRA, but the config has use_dora=False; pass LoraConfig(use_dora=True, ...) "
+            "or use the config as is for plain LoRA."
+        )
+    config = copy.deepcopy(config)
+    # nn.Module catches every target: the factory itself decides between FastDoraLinear and PEFT's dispatchers.
+    config._register_custom_module({nn.Module: _dispatch_fast_dora})
+    return config
