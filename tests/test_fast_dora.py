@@ -222,3 +222,26 @@ def test_mismatched_adapter_dtype_is_a_clear_error():
     layer.lora_magnitude_vector["default"].double()
     with pytest.raises(ValueError, match="Mismatched dtypes or devices between base and adapter"):
         fast(torch.randn(2, 16))
+
+
+# ---------------------------------------------------------------- the trainer switch (dora_impl)
+
+
+@pytest.mark.parametrize(("dora_impl", "fast_layers"), [("fused", 4), ("peft", 0)])
+def test_trainer_dora_impl_picks_the_implementation(tmp_path, dora_impl, fast_layers):
+    from hf_ext import SFTConfig, SFTTrainer
+    from hf_ext.embedded import count_sft_dataset, materialize_model
+
+    args = SFTConfig(str(tmp_path), dora_impl=dora_impl, use_cpu=True, bf16=False, report_to="none")
+    peft_config = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"])
+    trainer = SFTTrainer(
+        str(materialize_model()), args=args, train_dataset=count_sft_dataset(8), peft_config=peft_config
+    )
+    assert sum(isinstance(m, FastDoraLinear) for m in trainer.model.modules()) == fast_layers
+
+
+def test_unknown_dora_impl_is_refused(tmp_path):
+    from hf_ext import GRPOConfig
+
+    with pytest.raises(ValueError, match="dora_impl='triton' is not known; allowed values: fused, peft"):
+        GRPOConfig(str(tmp_path), dora_impl="triton", use_cpu=True, bf16=False)

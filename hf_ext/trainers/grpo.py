@@ -16,7 +16,7 @@ import torch
 import trl
 from trl.trainer.grpo_trainer import is_async_callable
 
-from .allora_args import ALLoRAArguments, allora_peft_config
+from .adapter_args import AdapterArguments, adapter_peft_config
 from .grpo_ba import BalancedAggregationMixin
 from .grpo_gtpo import GTPOMixin
 from .grpo_real import REAL_VARIANTS, RewardsAsLabelsMixin
@@ -92,7 +92,7 @@ def _check(condition: bool, message: str) -> None:
 
 
 @dataclass
-class GRPOConfig(ALLoRAArguments, OptimizerArguments, trl.GRPOConfig):
+class GRPOConfig(AdapterArguments, OptimizerArguments, trl.GRPOConfig):
     r"""
     TRL's [`trl.GRPOConfig`] with hf_ext's loss types. Every TRL field keeps its meaning and default.
 
@@ -131,6 +131,9 @@ class GRPOConfig(ALLoRAArguments, OptimizerArguments, trl.GRPOConfig):
             Train the LoRA adapter (``peft_config``) with ALLoRA, arXiv 2410.09692.
         allora_eta (`float`, *optional*, defaults to `2.0`):
             ALLoRA's eta: the gradient scale of an output row while it is zero.
+        dora_impl (`str`, *optional*, defaults to `"fused"`):
+            With DoRA (`use_dora=True` in the LoRA config): `"fused"` for hf_ext's factored weight norm, `"peft"`
+            for PEFT's own.
         optim (`str`):
             Any Transformers optimizer, or `"hf_ext_adamw_4bit"` / `"hf_ext_adamw_4bit_factor"` (4-bit AdamW states,
             arXiv 2309.01507) with `optim_args` keys `block_size`, `min_quantized_numel`, `nonfinite_grads`.
@@ -194,7 +197,7 @@ class GRPOConfig(ALLoRAArguments, OptimizerArguments, trl.GRPOConfig):
                     f"loss_type={self.loss_type!r} compares completions within a "
                     f"group: {name} must be >= 2, got {value}.",
                 )
-        self._check_allora()
+        self._check_adapter_arguments()
         optim = self._hand_over_optim()
         super().__post_init__()
         self._take_back_optim(optim)
@@ -306,8 +309,8 @@ class GRPOTrainer(BalancedAggregationMixin, RewardsAsLabelsMixin, GTPOMixin, Opt
                 f"loss_type={args.loss_type!r} needs hf_ext.GRPOConfig, got {type(args).__module__}."
                 f"{type(args).__name__}: build the config with `from hf_ext import GRPOConfig`."
             )
+        kwargs["peft_config"] = adapter_peft_config(args, model, kwargs.get("peft_config"))
         if args.use_allora:
-            kwargs["peft_config"] = allora_peft_config(args, model, kwargs.get("peft_config"))
             self._tag_names = [*self._tag_names, "allora"]
         super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
         self.reward_funcs = [

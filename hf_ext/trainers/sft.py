@@ -4,12 +4,12 @@ from dataclasses import dataclass
 
 import trl
 
-from .allora_args import ALLoRAArguments, allora_peft_config
+from .adapter_args import AdapterArguments, adapter_peft_config
 from .optim_args import OptimizerArguments, OptimizerMixin
 
 
 @dataclass
-class SFTConfig(ALLoRAArguments, OptimizerArguments, trl.SFTConfig):
+class SFTConfig(AdapterArguments, OptimizerArguments, trl.SFTConfig):
     r"""
     TRL's [`trl.SFTConfig`] plus hf_ext's switches. Every TRL field keeps its meaning and default.
 
@@ -18,13 +18,16 @@ class SFTConfig(ALLoRAArguments, OptimizerArguments, trl.SFTConfig):
             Train the LoRA adapter (``peft_config``) with ALLoRA, arXiv 2410.09692.
         allora_eta (`float`, *optional*, defaults to `2.0`):
             ALLoRA's eta: the gradient scale of an output row while it is zero.
+        dora_impl (`str`, *optional*, defaults to `"fused"`):
+            With DoRA (`use_dora=True` in the LoRA config): `"fused"` for hf_ext's factored weight norm, `"peft"`
+            for PEFT's own.
         optim (`str`):
             Any Transformers optimizer, or `"hf_ext_adamw_4bit"` / `"hf_ext_adamw_4bit_factor"` (4-bit AdamW states,
             arXiv 2309.01507) with `optim_args` keys `block_size`, `min_quantized_numel`, `nonfinite_grads`.
     """
 
     def __post_init__(self):
-        self._check_allora()
+        self._check_adapter_arguments()
         optim = self._hand_over_optim()
         super().__post_init__()
         self._take_back_optim(optim)
@@ -36,7 +39,8 @@ class SFTTrainer(OptimizerMixin, trl.SFTTrainer):
     _tag_names = ["trl", "sft", "hf_ext"]
 
     def __init__(self, model, args: SFTConfig | None = None, *pos_args, **kwargs):
-        if args is not None and getattr(args, "use_allora", False):
-            kwargs["peft_config"] = allora_peft_config(args, model, kwargs.get("peft_config"))
-            self._tag_names = [*self._tag_names, "allora"]
+        if isinstance(args, SFTConfig):
+            kwargs["peft_config"] = adapter_peft_config(args, model, kwargs.get("peft_config"))
+            if args.use_allora:
+                self._tag_names = [*self._tag_names, "allora"]
         super().__init__(model, args, *pos_args, **kwargs)
