@@ -7,20 +7,11 @@ TRITON_INTERPRET=1 in a subprocess (see test_kernel_adamw4bit.py for why) at 1e-
 different order, so they agree to fp32 rounding, not bit for bit.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from triton_interpreter import check_interpreted_tests, interpreted, parent_only
 
 from hf_ext.kernels import dora_norm
-
-
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(
-    dora_norm.triton is None or not INTERPRETING, reason="runs in the subprocess of test_kernel_under_the_interpreter"
-)
 
 
 def factors(d_out, d_in, rank, seed=0, dtype=torch.float32):
@@ -152,13 +143,9 @@ def test_matches_peft_dora_weight_norm(fan_in_fan_out):
     torch.testing.assert_close(ours, peft_norm.detach().float(), rtol=2e-6, atol=0)
 
 
-@pytest.mark.skipif(dora_norm.triton is None or INTERPRETING, reason="needs triton; this is the parent process")
+@parent_only
 def test_kernel_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout
+    check_interpreted_tests(__file__)
 
 
 @interpreted

@@ -7,31 +7,18 @@ Both sides round every fp32 op once (no FMA): codes, scales and parameters are e
 stated tolerance is 0 (measured: identical).
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from triton_interpreter import check_interpreted_tests, interpreted, parent_only
 
 from hf_ext.kernels import adamw4bit_step as fused
 from hf_ext.kernels import dispatch
 from hf_ext.optim import AdamW4bit, quant
 
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(
-    fused.triton is None or not INTERPRETING, reason="runs in the subprocess of test_kernel_under_the_interpreter"
-)
-
-
-@pytest.mark.skipif(fused.triton is None or INTERPRETING, reason="needs triton; this is the parent process")
+@parent_only
 def test_kernel_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout
+    check_interpreted_tests(__file__)
 
 
 def random_state(shape, rank1: bool, block_size: int, seed: int):
