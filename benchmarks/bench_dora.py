@@ -21,14 +21,13 @@ weights copied into both models:
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import peft
 import torch
 from peft import LoraConfig, get_peft_model
+from timing import interleaved_medians_ms
 from torch import nn
 
 from hf_ext.kernels.dora_norm import factored_row_norm
@@ -69,11 +68,6 @@ def build_pair(d: int, r: int, dtype: torch.dtype, device: str):
     return models
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def fwd_bwd(model, x, grad) -> torch.Tensor:
     for p in model.parameters():
         p.grad = None
@@ -90,19 +84,10 @@ def time_layer(d: int, r: int, dtype: torch.dtype, device: str, repeats: int):
     with torch.no_grad():
         out_fast, out_ref = fast(x).float(), ref(x).float()
         rel_err = ((out_fast - out_ref).abs().max() / out_ref.abs().max().clamp_min(1e-12)).item()
-    for _ in range(2):  # warm-up
-        fwd_bwd(fast, x, grad)
-        fwd_bwd(ref, x, grad)
-    sync(device)
-    times = {"fast": [], "peft": []}
-    for _ in range(repeats):
-        for name, model in (("fast", fast), ("peft", ref)):
-            sync(device)
-            t0 = time.perf_counter()
-            fwd_bwd(model, x, grad)
-            sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times["fast"]), statistics.median(times["peft"]), rel_err
+    times = interleaved_medians_ms(
+        {"fast": lambda: fwd_bwd(fast, x, grad), "peft": lambda: fwd_bwd(ref, x, grad)}, device, repeats, warmup=2
+    )
+    return times["fast"], times["peft"], rel_err
 
 
 def norm_fn(method: str, layer):

@@ -12,14 +12,14 @@ timed interleaved, so machine drift hits both alike. Goal: ba/dapo <= 1.05.
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
 import torch
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from timing import interleaved_medians_ms  # noqa: E402
 
 from hf_ext import GRPOConfig, GRPOTrainer  # noqa: E402
 from hf_ext.embedded import count_dataset, count_reward, materialize_model  # noqa: E402
@@ -69,22 +69,6 @@ def loss_step(trainer: GRPOTrainer, loss_type: str, batch: dict, logps: torch.Te
     trainer.loss_type = loss_type
     logps.grad = None
     trainer._compute_loss(trainer.model, batch).backward()
-
-
-def interleaved_medians_ms(fns: dict, device: str, repeats: int) -> dict:
-    """Median wall time of each function, calling them in turn on every repeat."""
-    times = {name: [] for name in fns}
-    for repeat in range(repeats + 3):
-        for name, fn in fns.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if repeat >= 3:  # warm-up
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def measure(trainer: GRPOTrainer, rows: int, width: int, device: str, repeats: int) -> dict:

@@ -8,26 +8,11 @@ the loss runs forward + backward on every micro-batch. A ratio well below 1 mean
 
 import argparse
 import functools
-import statistics
-import time
 
 import torch
+from timing import interleaved_medians_ms
 
 from hf_ext.losses.gtpo import conflict_weights
-
-
-def median_ms(fn, device: str, repeats: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def dapo_like_loss_ms(rows: int, width: int, device: str) -> float:
@@ -42,7 +27,7 @@ def dapo_like_loss_ms(rows: int, width: int, device: str) -> float:
         loss = -torch.min(ratio * advantages, torch.clamp(ratio, 0.8, 1.28) * advantages)
         ((loss * mask).sum() / mask.sum()).backward()
 
-    return median_ms(step, device)
+    return interleaved_medians_ms({"loss": step}, device, repeats=10, warmup=1)["loss"]
 
 
 def main() -> None:
@@ -65,7 +50,7 @@ def main() -> None:
         advantages = torch.randn(rows, generator=generator)
         ids, mask, advantages = ids.to(cli.device), mask.to(cli.device), advantages.to(cli.device)
         search = functools.partial(conflict_weights, ids, mask, advantages, cli.num_generations)
-        conflicts = median_ms(search, cli.device)
+        conflicts = interleaved_medians_ms({"search": search}, cli.device, repeats=10, warmup=1)["search"]
         loss = dapo_like_loss_ms(rows, cli.width, cli.device)
         print(f"{groups:>7} {rows:>6} {conflicts:>13.2f} {loss:>13.2f} {conflicts / loss:>7.2f}")
 

@@ -13,9 +13,9 @@ Three tables, each with the anchors measured beside ours:
 
 import argparse
 import statistics
-import time
 
 import torch
+from timing import timed_ms
 
 from hf_ext.embedded import build_tiny_model, build_tokenizer, count_sft_dataset
 from hf_ext.optim import AdamW4bit, AdamW4bitFactor
@@ -82,14 +82,9 @@ def memory_and_speed(factories: dict, device: str, scale: int, steps: int) -> No
         times = []
         for step in range(steps + 2):
             fake_gradients(params, generator)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            optimizer.step()
-            if device == "cuda":
-                torch.cuda.synchronize()
+            elapsed = timed_ms(optimizer.step, device)
             if step >= 2:
-                times.append((time.perf_counter() - start) * 1e3)
+                times.append(elapsed)
         numel = sum(p.numel() for p in params)
         results[name] = (state_bytes(optimizer) / numel, statistics.median(times))
     reference = next(iter(results.values()))[1]

@@ -319,10 +319,14 @@ class GRPOTrainer(BalancedAggregationMixin, RewardsAsLabelsMixin, GTPOMixin, Opt
             else _require_finite_rewards(func, name)
             for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)
         ]
-        self._hf_ext_loss = HF_EXT_LOSS_TYPES.get(self.loss_type)
         if self._hf_ext_loss is not None:
             self._tag_names = [*self._tag_names, self.loss_type]
             self._paper = self._hf_ext_loss.paper
+
+    @property
+    def _hf_ext_loss(self) -> LossType | None:
+        """The hf_ext loss type in force, derived from ``loss_type`` (which ``_run_as_loss_type`` swaps)."""
+        return HF_EXT_LOSS_TYPES.get(self.loss_type)
 
     @contextmanager
     def _run_as_loss_type(self, loss_type: str):
