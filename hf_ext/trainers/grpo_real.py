@@ -44,7 +44,6 @@ class RewardsAsLabelsMixin:
         token_counts = gather(self._loss_mask(output).sum(1, keepdim=True))  # (N, 1): the labels only ask "any token?"
         advantages = gather(output["advantages"].double())
         local = self._local_rows(len(output["advantages"]))
-        positive, negative = real_labels(advantages, token_counts, tolerance)
         if self.loss_type == "real_bce":
             targets, valid = real_bce_targets(advantages, token_counts, num_generations, tolerance)
             output["real_target"], output["real_valid"] = targets[local].float(), valid[local]
@@ -52,6 +51,7 @@ class RewardsAsLabelsMixin:
             valid_groups = valid.view(-1, num_generations).any(1).double().mean().item()
             self._metrics[mode]["real/valid_group_frac"].append(valid_groups)
             return
+        positive, negative = real_labels(advantages, token_counts, tolerance)
         group_loss = REAL_VARIANTS[self.args.real_variant]
         coef = onpolicy_coefficients(group_loss, positive, negative, num_generations, tau)
         output["real_coef"] = coef[local].float()
