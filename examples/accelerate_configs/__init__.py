@@ -1,0 +1,1 @@
+"""accelerate launch recipes (``--config_file``); shipped as ``hf_ext.accelerate_configs`` so ``hf-ext ... --accelerate_config NAME`` finds them."""
