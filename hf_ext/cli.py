@@ -1,7 +1,9 @@
 """`hf-ext`: the command line, in TRL's shape.
 
     hf-ext grpo --config examples/configs/grpo_ba.yaml [--any_field value] [--accelerate_config multi_gpu]
+    hf-ext grpo --config your-name/hf-ext-recipes:grpo_ba.yaml     (a Hub reference: see hf_ext.hub.configs)
     hf-ext compare-losses --seeds 0 1 2 --max_steps 300
+    hf-ext push-config examples/configs your-name/hf-ext-recipes
     hf-ext env
 
 Training commands parse the recipe first (so a bad field fails before anything launches), then hand the script to
@@ -39,11 +41,11 @@ def launch_training(command: str, argv: list[str]) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
+    from hf_ext.scripts.common import parse_recipe
+
     script = importlib.import_module(f"hf_ext.scripts.{command}")
-    parser = script.make_parser(prog=f"hf-ext {command}")
-    *_, config_rest, cli_rest = parser.parse_args_and_config(
-        argv, return_remaining_strings=True, separate_remaining_strings=True
-    )
+    # A Hub reference in --config becomes a cached local file here, once, before launching.
+    argv, _, config_rest, cli_rest = parse_recipe(script.make_parser(prog=f"hf-ext {command}"), argv)
     launch_args = resolve_accelerate_config_argument(config_rest + cli_rest)
     script_path = str(files("hf_ext.scripts").joinpath(f"{command}.py"))
     launch_command(launch_command_parser().parse_args([*launch_args, script_path, *_without(argv, cli_rest)]))
@@ -85,6 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "compare-losses", help="Train the embedded default once per GRPO loss type; table + plot.", add_help=False
     )
+    push = commands.add_parser(
+        "push-config",
+        help="Upload a folder of recipes to a Hub repo; then --config REPO_ID:PATH finds them.",
+        description="Upload the *.yaml recipes (and *.md notes) of FOLDER to the Hub repo REPO_ID, creating it if "
+        "needed. Every hf-ext training command then takes --config REPO_ID:PATH (cached, offline once cached).",
+    )
+    push.add_argument("folder", help="Local folder of recipes, e.g. examples/configs.")
+    push.add_argument("repo_id", help="Hub repo, e.g. your-name/hf-ext-recipes.")
+    push.add_argument("--repo_type", default="model", choices=["model", "dataset", "space"])
+    push.add_argument("--path_in_repo", default=None, help="Folder inside the repo (default: its root).")
+    push.add_argument("--revision", default=None, help="Branch to commit to (default: main).")
+    push.add_argument("--private", action="store_true", help="Create the repo private.")
+    push.add_argument(
+        "--token", default=None, help="Hub token with write access (default: HF_TOKEN or `hf auth login`)."
+    )
     commands.add_parser("env", help="Print versions and devices, for bug reports.")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
@@ -97,7 +114,21 @@ def main(argv: list[str] | None = None) -> int:
 
         compare_losses(rest)
         return 0
-    parser.parse_args(argv)  # "env", or an error listing the valid commands
+    args = parser.parse_args(argv)  # "push-config", "env", or an error listing the valid commands
+    if args.command == "push-config":
+        from hf_ext.hub.publish import push_config
+
+        commit = push_config(
+            args.folder,
+            args.repo_id,
+            repo_type=args.repo_type,
+            path_in_repo=args.path_in_repo,
+            revision=args.revision,
+            private=args.private or None,
+            token=args.token,
+        )
+        print(f"pushed {args.folder} to {commit.commit_url}")
+        return 0
     return print_env()
 
 

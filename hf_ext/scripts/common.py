@@ -1,6 +1,8 @@
 """What hf_ext's training scripts share: the embedded-default dataset arguments, model and dataset loading, and
 the end of a run. Absolute imports: `accelerate launch` runs the scripts as files."""
 
+import difflib
+import sys
 from dataclasses import dataclass, field
 
 from hf_ext.embedded import EMBEDDED_MODEL, EMBEDDED_TASK, resolve_model
@@ -21,6 +23,41 @@ class EmbeddedDatasetArguments:
         default=0,
         metadata={"help": f"Evaluation prompts built for {EMBEDDED_TASK!r} (another seed); 0 for no eval set."},
     )
+
+
+def check_launch_options(leftovers: list[str], parser) -> None:
+    """Options that are neither a field of the recipe's dataclasses nor an ``accelerate launch`` option (which a
+    recipe may carry, as TRL's do) are typos: refuse them before anything loads, with the closest names."""
+    from accelerate.commands.launch import launch_command_parser
+
+    launch_options = {option for action in launch_command_parser()._actions for option in action.option_strings}
+    launch_options.add("--accelerate_config")  # TRL's, turned into --config_file
+    fields = {option for action in parser._actions for option in action.option_strings}
+    for arg in leftovers:
+        option = arg.partition("=")[0]
+        if option.startswith("--") and option not in launch_options:
+            names = {name[2:].replace("-", "_") for name in fields | launch_options if name.startswith("--")}
+            close = ["--" + name for name in difflib.get_close_matches(option[2:], sorted(names), n=3)]
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise SystemExit(
+                f"{parser.prog}: unknown field {option[2:]!r} (in the recipe or on the command line): it is no field "
+                f"of the training, model, script or dataset arguments and no accelerate launch option.{hint} "
+                f"`{parser.prog} --help` lists every field."
+            )
+
+
+def parse_recipe(parser, argv: list[str] | None = None):
+    """``(argv, dataclasses, recipe leftovers, command-line leftovers)``: ``--config`` resolved to a local file
+    (``hf_ext.hub.configs``: local path or Hub reference), the recipe then the flags parsed, unknown fields refused.
+    The leftovers are ``accelerate launch`` options."""
+    from hf_ext.hub.configs import resolve_config_argument
+
+    argv = resolve_config_argument(sys.argv[1:] if argv is None else argv)
+    *configs, config_rest, cli_rest = parser.parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    check_launch_options(config_rest + cli_rest, parser)
+    return argv, configs, config_rest, cli_rest
 
 
 def model_and_init_kwargs(model_args, training_args) -> str:
@@ -56,6 +93,8 @@ def train(trainer_cls, script_args, training_args, model_args, dataset_args, bui
     save, push if asked, and end the run cleanly on every process. Returns the trainer."""
     from trl import get_peft_config, get_quantization_config
 
+    from hf_ext.hub.card import training_recipe
+
     model = model_and_init_kwargs(model_args, training_args)
     train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args.seed, build_embedded)
     trainer = trainer_cls(
@@ -67,6 +106,7 @@ def train(trainer_cls, script_args, training_args, model_args, dataset_args, bui
         peft_config=get_peft_config(model_args),
         **trainer_kwargs,
     )
+    trainer.hf_ext_recipe = training_recipe(script_args, training_args, model_args, dataset_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:

@@ -16,7 +16,7 @@ from trl import DatasetMixtureConfig, ModelConfig, TrlParser
 from trl.scripts.grpo import GRPOScriptArguments as TrlGRPOScriptArguments
 
 from hf_ext.embedded import EMBEDDED_TASK
-from hf_ext.scripts.common import EmbeddedDatasetArguments, train
+from hf_ext.scripts.common import EmbeddedDatasetArguments, parse_recipe, train
 from hf_ext.trainers import GRPOConfig
 
 
@@ -69,8 +69,9 @@ def make_parser(prog: str | None = None) -> TrlParser:
 
 
 def run(argv: list[str] | None = None):
-    """Parse `argv` (YAML via --config, then flags) and train; unknown fields are an error."""
-    return main(*make_parser().parse_args_and_config(argv))
+    """Parse `argv` (YAML via --config, a local path or Hub reference, then flags) and train; unknown fields are an
+    error."""
+    return main(*parse_recipe(make_parser(), argv)[1])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-from hf_ext.scripts.common import EmbeddedDatasetArguments, train
+from hf_ext.scripts.common import EmbeddedDatasetArguments, parse_recipe, train
 from hf_ext.trainers import SFTConfig
 
 
@@ -37,8 +37,9 @@ def make_parser(prog: str | None = None) -> TrlParser:
 
 
 def run(argv: list[str] | None = None):
-    """Parse `argv` (YAML via --config, then flags) and train; unknown fields are an error."""
-    return main(*make_parser().parse_args_and_config(argv))
+    """Parse `argv` (YAML via --config, a local path or Hub reference, then flags) and train; unknown fields are an
+    error."""
+    return main(*parse_recipe(make_parser(), argv)[1])
 
 
 if __name__ == "__main__":

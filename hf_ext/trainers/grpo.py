@@ -16,7 +16,12 @@ import torch
 import trl
 from trl.trainer.grpo_trainer import is_async_callable
 
+from .. import papers
+from ..hub.card import given_fields
+from ..hub.publish import require_hub_token
+from ..papers import Paper
 from .adapter_args import AdapterArguments, adapter_peft_config
+from .card import ModelCardMixin
 from .grpo_ba import BalancedAggregationMixin
 from .grpo_gtpo import GTPOMixin
 from .grpo_real import REAL_VARIANTS, RewardsAsLabelsMixin
@@ -30,57 +35,16 @@ TRL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "
 class LossType:
     """An hf_ext loss type: its paper (for the model card) and the trainer methods that run it."""
 
-    title: str
-    arxiv_id: str
-    citation: str
+    paper: Paper
     prepare: str  # trainer method adding per-row tensors at generation time, from whole groups
     loss: str  # trainer method computing the micro-batch loss
 
-    @property
-    def paper(self) -> dict:
-        return {"title": self.title, "id": self.arxiv_id, "citation": self.citation}
 
-
-BA_CITATION = """\
-@article{zeng2026balanced,
-    title   = {{Balanced Aggregation: Understanding and Fixing Aggregation Bias in GRPO}},
-    author  = {Zhiyuan Zeng and Jiameng Huang and Zhangyue Yin and Jiashuo Liu and Ziniu Li and Bingrui Li and
-               Yuhao Wu and Yining Zheng and Ge Zhang and Wenhao Huang and Xipeng Qiu},
-    journal = {arXiv preprint arXiv:2605.04077},
-    year    = {2026}
-}"""
-REAL_CITATION = """\
-@article{zhai2026rewards,
-    title   = {{Rewards as Labels: Revisiting RLVR from a Classification Perspective}},
-    author  = {Zepeng Zhai and Meilin Chen and Jiaxuan Zhao and Junlang Qian and Lei Shen and Yuan Lu},
-    journal = {arXiv preprint arXiv:2602.05630},
-    year    = {2026}
-}"""
-GTPO_CITATION = """\
-@article{simoni2025gtpo,
-    title   = {{GTPO: Stabilizing Group Relative Policy Optimization via Gradient and Entropy Control}},
-    author  = {Marco Simoni and Aleksandar Fontana and Giulio Rossolini and Andrea Saracino and Paolo Mori},
-    journal = {arXiv preprint arXiv:2508.03772},
-    year    = {2025}
-}"""
-REAL_TITLE = "Rewards as Labels: Revisiting RLVR from a Classification Perspective"
 HF_EXT_LOSS_TYPES = {
-    "ba": LossType(
-        "Balanced Aggregation: Understanding and Fixing Aggregation Bias in GRPO",
-        "2605.04077",
-        BA_CITATION,
-        prepare="_prepare_ba",
-        loss="_ba_loss",
-    ),
-    "real": LossType(REAL_TITLE, "2602.05630", REAL_CITATION, prepare="_prepare_real", loss="_real_loss"),
-    "real_bce": LossType(REAL_TITLE, "2602.05630", REAL_CITATION, prepare="_prepare_real", loss="_real_loss"),
-    "gtpo": LossType(
-        "GTPO: Stabilizing Group Relative Policy Optimization via Gradient and Entropy Control",
-        "2508.03772",
-        GTPO_CITATION,
-        prepare="_prepare_gtpo",
-        loss="_gtpo_loss",
-    ),
+    "ba": LossType(papers.BA, prepare="_prepare_ba", loss="_ba_loss"),
+    "real": LossType(papers.REAL, prepare="_prepare_real", loss="_real_loss"),
+    "real_bce": LossType(papers.REAL, prepare="_prepare_real", loss="_real_loss"),
+    "gtpo": LossType(papers.GTPO, prepare="_prepare_gtpo", loss="_gtpo_loss"),
 }
 GTPO_FILTER_MODES = ("auto", "always", "never")
 GTPO_COMBINES = ("product", "union")
@@ -184,6 +148,9 @@ class GRPOConfig(AdapterArguments, OptimizerArguments, trl.GRPOConfig):
     )
 
     def __post_init__(self):
+        self.given_fields = given_fields(self)
+        if self.push_to_hub:
+            require_hub_token(self.hub_token, "push_to_hub=True")
         allowed = (*TRL_LOSS_TYPES, *HF_EXT_LOSS_TYPES)
         _check(
             self.loss_type in allowed,
@@ -295,7 +262,9 @@ def _require_finite_rewards(reward_func, name: str):
     return checked
 
 
-class GRPOTrainer(BalancedAggregationMixin, RewardsAsLabelsMixin, GTPOMixin, OptimizerMixin, trl.GRPOTrainer):
+class GRPOTrainer(
+    BalancedAggregationMixin, RewardsAsLabelsMixin, GTPOMixin, OptimizerMixin, ModelCardMixin, trl.GRPOTrainer
+):
     """TRL's [`trl.GRPOTrainer`] that also runs hf_ext's loss types. Use with [`hf_ext.GRPOConfig`]."""
 
     _tag_names = ["trl", "grpo", "hf_ext"]
@@ -321,7 +290,7 @@ class GRPOTrainer(BalancedAggregationMixin, RewardsAsLabelsMixin, GTPOMixin, Opt
         ]
         if self._hf_ext_loss is not None:
             self._tag_names = [*self._tag_names, self.loss_type]
-            self._paper = self._hf_ext_loss.paper
+            self._paper = self._hf_ext_loss.paper.as_trl()
 
     @property
     def _hf_ext_loss(self) -> LossType | None:

@@ -4,7 +4,10 @@ from dataclasses import dataclass
 
 import trl
 
+from ..hub.card import given_fields
+from ..hub.publish import require_hub_token
 from .adapter_args import AdapterArguments, adapter_peft_config
+from .card import ModelCardMixin
 from .optim_args import OptimizerArguments, OptimizerMixin
 
 
@@ -27,13 +30,16 @@ class SFTConfig(AdapterArguments, OptimizerArguments, trl.SFTConfig):
     """
 
     def __post_init__(self):
+        self.given_fields = given_fields(self)
+        if self.push_to_hub:
+            require_hub_token(self.hub_token, "push_to_hub=True")
         self._check_adapter_arguments()
         optim = self._hand_over_optim()
         super().__post_init__()
         self._take_back_optim(optim)
 
 
-class SFTTrainer(OptimizerMixin, trl.SFTTrainer):
+class SFTTrainer(OptimizerMixin, ModelCardMixin, trl.SFTTrainer):
     """TRL's [`trl.SFTTrainer`] that honours [`hf_ext.SFTConfig`]'s switches."""
 
     _tag_names = ["trl", "sft", "hf_ext"]

@@ -1,0 +1,141 @@
+"""The model card every hf_ext trainer writes: on ``save_model`` (final save and checkpoints), when TRL asks for a
+card (``create_model_card``, at each checkpoint and on ``push_to_hub``), always after PEFT has written its own.
+
+Besides ``README.md`` the output directory gets ``recipe.yaml``, the run's recipe, which ``hf-ext grpo|sft --config``
+accepts as is (also by Hub reference once pushed: ``--config owner/repo:recipe.yaml``).
+"""
+
+import os
+
+import yaml
+
+from .. import papers
+from ..hub.card import Method, final_metrics, hub_id, render_model_card, training_recipe
+from ..hub.publish import require_hub_token
+from ..optim import OPTIMIZERS
+from ..papers import Paper
+from ..peft.dora import FastDoraLinear
+from .optim_args import parse_optim_args
+
+
+RECIPE_FILE = "recipe.yaml"
+_ADAPTER_FIELDS = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout"}
+
+
+def _trl_paper(trainer) -> Paper | None:
+    """The paper of the TRL trainer class (e.g. GRPO's DeepSeekMath), whatever loss type the instance runs."""
+    paper = getattr(type(trainer), "_paper", None) or {}
+    return Paper(paper["title"], paper["id"], paper.get("citation", "")) if paper.get("id") else None
+
+
+class ModelCardMixin:
+    """Writes hf_ext's model card and ``recipe.yaml``. Scripts may set ``hf_ext_recipe`` to the full recipe (script,
+    model and dataset fields too); by default it is the training config's non-default fields plus the model."""
+
+    hf_ext_recipe: dict | None = None
+
+    def _peft_config(self):
+        configs = getattr(self.model, "peft_config", None)
+        return configs[self.model.active_adapter] if configs else None
+
+    def _base_model_name(self) -> str | None:
+        peft_config = self._peft_config()
+        name = peft_config.base_model_name_or_path if peft_config is not None else None
+        return name or getattr(self.model.config, "_name_or_path", None)
+
+    def _recipe(self) -> dict:
+        if self.hf_ext_recipe is not None:
+            return self.hf_ext_recipe
+        recipe = {"model_name_or_path": hub_id(self._base_model_name()) or self._base_model_name()}
+        peft_config = self._peft_config()
+        if peft_config is not None:
+            recipe["use_peft"] = True
+            recipe.update({name: getattr(peft_config, key) for key, name in _ADAPTER_FIELDS.items()})
+            recipe["lora_target_modules"] = sorted(peft_config.target_modules or [])
+            recipe["use_dora"] = bool(peft_config.use_dora)
+        return {**recipe, **training_recipe(self.args)}
+
+    def _hf_ext_methods(self) -> list[Method]:
+        from .grpo import HF_EXT_LOSS_TYPES  # grpo.py imports this module
+
+        args, methods = self.args, []
+        loss_type = getattr(args, "loss_type", None)
+        if loss_type in HF_EXT_LOSS_TYPES:
+            prefix = loss_type.split("_")[0] + "_"
+            fields = {key: value for key, value in vars(args).items() if key.startswith(prefix)}
+            methods.append(
+                Method(
+                    f"GRPO loss `{loss_type}`",
+                    loss_type,
+                    (HF_EXT_LOSS_TYPES[loss_type].paper,),
+                    {"loss_type": loss_type, "num_generations": args.num_generations, **fields},
+                )
+            )
+        peft_config = self._peft_config()
+        if peft_config is not None and peft_config.use_dora:
+            fast = any(isinstance(module, FastDoraLinear) for module in self.model.modules())
+            methods.append(
+                Method(
+                    "DoRA, factored weight norm (hf_ext fast path)" if fast else "DoRA (PEFT's implementation)",
+                    "dora",
+                    (papers.DORA, papers.SCALING_DORA) if fast else (papers.DORA,),
+                    {"r": peft_config.r, "lora_alpha": peft_config.lora_alpha, "dora_impl": args.dora_impl},
+                )
+            )
+        if args.use_allora:
+            methods.append(
+                Method(
+                    "ALLoRA",
+                    "allora",
+                    (papers.ALLORA,),
+                    {"allora_eta": args.allora_eta, "r": peft_config.r, "lora_alpha": peft_config.lora_alpha},
+                )
+            )
+        if args.optim in OPTIMIZERS:
+            hyperparameters = {"optim": args.optim, "learning_rate": args.learning_rate}
+            methods.append(
+                Method(
+                    f"4-bit AdamW states (`{args.optim}`)",
+                    args.optim,
+                    (papers.ADAMW_4BIT,),
+                    {**hyperparameters, **parse_optim_args(args.optim, args.optim_args)},
+                )
+            )
+        return methods
+
+    def write_model_card(
+        self, output_dir: str, model_name: str | None = None, dataset_name: str | None = None, tags=None
+    ) -> None:
+        """Write ``README.md`` and ``recipe.yaml`` for this run into ``output_dir``."""
+        recipe = self._recipe()
+        dataset_name = dataset_name or recipe.get("dataset_name")
+        card = render_model_card(
+            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            base_model=hub_id(self._base_model_name()),
+            is_adapter=self._peft_config() is not None,
+            trainer_name=self._name,
+            trainer_paper=_trl_paper(self),
+            methods=self._hf_ext_methods(),
+            recipe=recipe,
+            metrics=final_metrics(self.state.log_history),
+            tags=[*self._tag_names, *([tags] if isinstance(tags, str) else tags or [])],
+            dataset=hub_id(dataset_name, repo_type="datasets"),
+            hub_model_id=self.hub_model_id,
+        )
+        os.makedirs(output_dir, exist_ok=True)
+        card.save(os.path.join(output_dir, "README.md"))
+        with open(os.path.join(output_dir, RECIPE_FILE), "w") as file:
+            yaml.safe_dump(recipe, file, sort_keys=False)
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
+        if self.is_world_process_zero():
+            self.write_model_card(self.args.output_dir, model_name, dataset_name, tags)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:  # after PEFT's save_pretrained, which writes its own README.md
+            self.write_model_card(output_dir or self.args.output_dir)
+
+    def push_to_hub(self, *args, token: str | None = None, **kwargs):
+        require_hub_token(token or self.args.hub_token, "trainer.push_to_hub()")
+        return super().push_to_hub(*args, token=token, **kwargs)
