@@ -13,9 +13,11 @@ accelerate, as with `trl grpo`.
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 from importlib.resources import files
+from pathlib import Path
 
 
 TRAINING_COMMANDS = {
@@ -37,16 +39,59 @@ def _without(args: list[str], removed: list[str]) -> list[str]:
     return kept
 
 
+def resolve_accelerate_config(name_or_path: str) -> str:
+    """An accelerate config file: a path as is; a name: hf_ext's packaged recipe, else TRL's; else an error."""
+    if Path(name_or_path).is_file():
+        return name_or_path
+    packaged = {package: files(package) for package in ("hf_ext.accelerate_configs", "trl.accelerate_configs")}
+    for recipes in packaged.values():
+        if recipes.joinpath(f"{name_or_path}.yaml").is_file():
+            return str(recipes.joinpath(f"{name_or_path}.yaml"))
+    names = {
+        package: ", ".join(sorted(p.name.removesuffix(".yaml") for p in recipes.iterdir() if p.name.endswith(".yaml")))
+        for package, recipes in packaged.items()
+    }
+    raise ValueError(
+        f"--accelerate_config {name_or_path!r} is neither a file nor a packaged config. hf_ext's: "
+        f"{names['hf_ext.accelerate_configs']}; TRL's: {names['trl.accelerate_configs']}. Pass one of these names "
+        "or the path of an accelerate config file."
+    )
+
+
+def accelerate_launch_args(launch_args: list[str], training_args, model_args) -> list[str]:
+    """`launch_args` with `--accelerate_config NAME|PATH` as `--config_file FILE`, once the recipe passed
+    `check_composition` against that file; a file's `use_cpu: true` is exported to the ranks as ACCELERATE_USE_CPU
+    (accelerate's multi-GPU launcher, which two CPU ranks need, does not forward it)."""
+    import yaml
+
+    from hf_ext.scripts.common import check_composition
+
+    if "--accelerate_config" in launch_args:
+        index = launch_args.index("--accelerate_config")
+        if index + 1 == len(launch_args):
+            raise ValueError("--accelerate_config needs a value: a packaged config name or a file path.")
+        config_file = resolve_accelerate_config(launch_args[index + 1])
+        launch_args = ["--config_file", config_file, *launch_args[:index], *launch_args[index + 2 :]]
+    config = {}
+    if "--config_file" in launch_args:
+        with open(launch_args[launch_args.index("--config_file") + 1]) as handle:
+            config = yaml.safe_load(handle) or {}
+    check_composition(training_args, model_args, (config.get("deepspeed_config") or {}).get("deepspeed_config_file"))
+    if config.get("use_cpu"):
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    return launch_args
+
+
 def launch_training(command: str, argv: list[str]) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
-    from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
     from hf_ext.scripts.common import parse_recipe
 
     script = importlib.import_module(f"hf_ext.scripts.{command}")
     # A Hub reference in --config becomes a cached local file here, once, before launching.
-    argv, _, config_rest, cli_rest = parse_recipe(script.make_parser(prog=f"hf-ext {command}"), argv)
-    launch_args = resolve_accelerate_config_argument(config_rest + cli_rest)
+    argv, configs, config_rest, cli_rest = parse_recipe(script.make_parser(prog=f"hf-ext {command}"), argv)
+    _, training_args, model_args, _ = configs
+    launch_args = accelerate_launch_args(config_rest + cli_rest, training_args, model_args)
     script_path = str(files("hf_ext.scripts").joinpath(f"{command}.py"))
     launch_command(launch_command_parser().parse_args([*launch_args, script_path, *_without(argv, cli_rest)]))
     return 0

@@ -133,7 +133,7 @@ def test_every_recipe_runs_offline(recipe, tmp_path):
         ]
     )
     assert trainer.state.global_step == 2
-    assert (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "model.safetensors").exists() or (tmp_path / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -141,4 +141,4 @@ def test_every_recipe_parses(recipe):
     _, training_args, _, _ = make_parser().parse_args_and_config(
         ["--config", str(REPO / "examples" / "configs" / recipe)]
     )
-    assert recipe == f"grpo_{training_args.loss_type}.yaml"
+    assert recipe.removesuffix(".yaml").removesuffix("_dora_4bit") == f"grpo_{training_args.loss_type}"

@@ -1,7 +1,10 @@
 """What hf_ext's training scripts share: the embedded-default dataset arguments, model and dataset loading, and
-the end of a run. Absolute imports: `accelerate launch` runs the scripts as files."""
+the end of a run, and the checks of combinations hf_ext does not define. Absolute imports: `accelerate launch` runs
+the scripts as files."""
 
 import difflib
+import json
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -88,6 +91,32 @@ def load_datasets(script_args, dataset_args, seed: int, build_embedded):
     return dataset[script_args.dataset_train_split], dataset.get(script_args.dataset_test_split)
 
 
+def check_composition(training_args, model_args, deepspeed_config_file: str | None = None) -> None:
+    """Refuses, before any model is loaded, combinations hf_ext does not define: the adapter switches against the
+    LoRA settings (ALLoRA with DoRA among them; the trainer's own checks, run early) and an hf_ext optimizer under a
+    DeepSpeed config whose ``optimizer`` block would silently replace it. ``deepspeed_config_file`` defaults to the
+    one accelerate passes its ranks."""
+    from trl import get_peft_config
+
+    from hf_ext.optim import OPTIMIZERS
+    from hf_ext.trainers.adapter_args import adapter_peft_config
+
+    adapter_peft_config(training_args, None, get_peft_config(model_args))
+    if training_args.optim not in OPTIMIZERS:
+        return
+    deepspeed_config_file = deepspeed_config_file or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    for source in (training_args.deepspeed, deepspeed_config_file):
+        if isinstance(source, str):
+            with open(source) as handle:
+                source = json.load(handle)
+        if source and "optimizer" in source:
+            raise ValueError(
+                f"optim={training_args.optim!r} conflicts with the DeepSpeed config's `optimizer` block "
+                f"({source['optimizer'].get('type', '?')}), which would silently replace it: remove that block (the "
+                "Trainer then builds hf_ext's optimizer) or choose DeepSpeed's optimizer and a Transformers optim."
+            )
+
+
 def train(trainer_cls, script_args, training_args, model_args, dataset_args, build_embedded, **trainer_kwargs):
     """Build ``trainer_cls`` as TRL's scripts do (model, datasets, quantization, LoRA from ``model_args``), train,
     save, push if asked, and end the run cleanly on every process. Returns the trainer."""
@@ -95,6 +124,7 @@ def train(trainer_cls, script_args, training_args, model_args, dataset_args, bui
 
     from hf_ext.hub.card import training_recipe
 
+    check_composition(training_args, model_args)
     model = model_and_init_kwargs(model_args, training_args)
     train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args.seed, build_embedded)
     trainer = trainer_cls(
