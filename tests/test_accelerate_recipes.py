@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from hf_ext.cli import main, resolve_accelerate_config
 
@@ -33,6 +34,8 @@ COMPOSITIONS = {
         "variant": "FastDoraLinearVariant",
         "params_per_layer": 3,  # A, B and the DoRA magnitude (fp32 states: at most 128 elements)
         "use_dora": True,
+        "card_tags": {"hf_ext", "grpo", "gtpo", "dora", "hf_ext_adamw_4bit", "lora"},
+        "card_papers": ("2508.03772", "2402.09353", "2603.22276", "2309.01507"),
     },
     "sft_allora_4bit": {
         "command": "sft",
@@ -42,6 +45,8 @@ COMPOSITIONS = {
         "variant": "ALLoRALinearVariant",
         "params_per_layer": 2,
         "use_dora": False,
+        "card_tags": {"hf_ext", "sft", "allora", "hf_ext_adamw_4bit", "lora"},
+        "card_papers": ("2410.09692", "2309.01507"),
     },
 }
 
@@ -110,6 +115,9 @@ def test_composition_recipe_runs_what_it_says(tmp_path, name, processes):
     saved = torch.load(run_dir / f"checkpoint-{STEPS}" / "optimizer.pt", weights_only=True)["state"].values()
     assert sum(s.get("exp_avg_codes", torch.empty(0)).dtype == torch.uint8 for s in saved) == 2 * NUM_ADAPTER_LAYERS
     check_adapter_in_vanilla_peft(run_dir, expected["use_dora"])
+    card = ModelCard.load(run_dir / "README.md")  # the card names every method of the composition
+    assert card.data.library_name == "peft" and expected["card_tags"] <= set(card.data.tags)
+    assert all(f"arXiv {arxiv_id}" in card.text for arxiv_id in expected["card_papers"])
 
 
 @pytest.fixture
