@@ -76,7 +76,11 @@ def accelerate_launch_args(launch_args: list[str], training_args, model_args) ->
     if "--config_file" in launch_args:
         with open(launch_args[launch_args.index("--config_file") + 1]) as handle:
             config = yaml.safe_load(handle) or {}
-    check_composition(training_args, model_args, (config.get("deepspeed_config") or {}).get("deepspeed_config_file"))
+    deepspeed_config_file = (config.get("deepspeed_config") or {}).get("deepspeed_config_file")
+    fsdp_version = (
+        (config.get("fsdp_config") or {}).get("fsdp_version") if config.get("distributed_type") == "FSDP" else None
+    )
+    check_composition(training_args, model_args, deepspeed_config_file, fsdp_version)
     if config.get("use_cpu"):
         os.environ["ACCELERATE_USE_CPU"] = "true"
     return launch_args

@@ -389,3 +389,20 @@ def test_load_refuses_mismatched_shapes_and_variants():
     del broken["state"][0]["exp_avg_sq_stat1"]
     with pytest.raises(ValueError, match="match no AdamW4bit layout"):
         AdamW4bit(params).load_state_dict(broken)
+
+
+def test_dtensor_parameters_are_refused_clearly(tmp_path):
+    """FSDP2 hands the optimizer DTensors; until they are supported the first step says so (one gloo rank)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        param = torch.nn.Parameter(distribute_tensor(torch.randn(64, 128), mesh, [Shard(0)]))
+        param.grad = distribute_tensor(torch.randn(64, 128), mesh, [Shard(0)])
+        with pytest.raises(TypeError, match=r"AdamW4bit does not support DTensor parameters \(FSDP2"):
+            AdamW4bit([param]).step()
+    finally:
+        dist.destroy_process_group()

@@ -10,12 +10,13 @@ Per parameter p with gradient g, step t (1-based), in fp32 whatever p's dtype (l
     state <- quant(m), quant(v)                    (quantization error only reaches the next step)
 
 State of a tensor with more than ``min_quantized_numel`` elements: m as 4-bit codes with block-wise absmax (block
-128, signed dynamic-exponent map); v as 4-bit codes of the linear map (i+1)/16 (no zero) with rank-1 scales
-min(row absmax, column absmax) (n-d: min over per-dimension absmax, after dropping singleton dimensions). When
-fewer than two non-singleton dimensions remain, v uses block-wise scales; this is also the path of the flat 1-D
-shards that FSDP1 and DeepSpeed ZeRO hand to the optimizer. Smaller tensors keep fp32 m and v and step exactly like
-``torch.optim.AdamW`` (foreach=False). ``AdamW4bitFactor`` replaces v of every tensor with ndim >= 2 by fp32
-Adafactor statistics (no eps added to g^2; a zero mean(R) divides as 1):
+128, signed dynamic-exponent map); v as 4-bit codes of the linear map (i+1)/16 (no zero) with rank-1 scales min(row
+absmax, column absmax) (n-d: min over per-dimension absmax, after dropping singleton dimensions). When fewer than
+two non-singleton dimensions remain, v uses block-wise scales; this is also the path of the flat 1-D shards that
+FSDP1 and DeepSpeed ZeRO hand to the optimizer. DTensor parameters (FSDP2) are refused with an error. Smaller
+tensors keep fp32 m and v and step exactly like ``torch.optim.AdamW`` (foreach=False). ``AdamW4bitFactor``
+replaces v of every tensor with ndim >= 2 by fp32 Adafactor statistics (no eps added to g^2; a zero mean(R)
+divides as 1):
 
     R <- beta2 R + (1 - beta2) mean_last(g^2),   C <- beta2 C + (1 - beta2) mean_{-2}(g^2),
     v <- (R / mean_last(R))[..., :, None] * C[..., None, :]
@@ -30,6 +31,7 @@ is bit-identical to an uninterrupted one.
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from hf_ext.kernels import adamw4bit_step as fused  # module import: safe in either import order
@@ -192,6 +194,12 @@ class AdamW4bit(Optimizer):
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+            if isinstance(p, DTensor):
+                raise TypeError(
+                    f"{type(self).__name__} does not support DTensor parameters (FSDP2 / fully_shard, tensor "
+                    "parallelism) yet: use it with DDP, FSDP1 or DeepSpeed ZeRO (flat shards), or use another "
+                    "optimizer with FSDP2."
+                )
         flags = [torch.isfinite(p.grad).all() for p in params]
         if len({f.device for f in flags}) == 1:
             return torch.stack(flags).tolist() if flags else []

@@ -91,11 +91,13 @@ def load_datasets(script_args, dataset_args, seed: int, build_embedded):
     return dataset[script_args.dataset_train_split], dataset.get(script_args.dataset_test_split)
 
 
-def check_composition(training_args, model_args, deepspeed_config_file: str | None = None) -> None:
+def check_composition(
+    training_args, model_args, deepspeed_config_file: str | None = None, fsdp_version: str | None = None
+) -> None:
     """Refuses, before any model is loaded, combinations hf_ext does not define: the adapter switches against the
     LoRA settings (ALLoRA with DoRA among them; the trainer's own checks, run early) and an hf_ext optimizer under a
-    DeepSpeed config whose ``optimizer`` block would silently replace it. ``deepspeed_config_file`` defaults to the
-    one accelerate passes its ranks."""
+    DeepSpeed config whose ``optimizer`` block would silently replace it, or under FSDP2. ``deepspeed_config_file``
+    and ``fsdp_version`` default to what accelerate passes its ranks."""
     from trl import get_peft_config
 
     from hf_ext.optim import OPTIMIZERS
@@ -104,6 +106,14 @@ def check_composition(training_args, model_args, deepspeed_config_file: str | No
     adapter_peft_config(training_args, None, get_peft_config(model_args))
     if training_args.optim not in OPTIMIZERS:
         return
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        fsdp_version = fsdp_version or os.environ.get("FSDP_VERSION")
+    if str(fsdp_version) == "2":
+        raise ValueError(
+            f"optim={training_args.optim!r} does not support FSDP2 yet (its parameters are DTensors): use FSDP1 "
+            "(fsdp_version: 1), DeepSpeed ZeRO (zero2, zero3) or DDP (multi_gpu) with it, or optim='adamw_torch' "
+            "with FSDP2."
+        )
     deepspeed_config_file = deepspeed_config_file or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     for source in (training_args.deepspeed, deepspeed_config_file):
         if isinstance(source, str):
