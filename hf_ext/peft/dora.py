@@ -7,13 +7,15 @@ For a linear layer with frozen ``W`` (d_out x d_in, after undoing ``fan_in_fan_o
     g   = m / n
     y   = result + (g - 1) * base + g * lora * s,    base = W x (= result - bias), lora = B A x
 
-which is PEFT 0.21.2's composition, in PEFT's product order, so CPU outputs match PEFT to fp32 rounding. Only the
-norm changes: PEFT pushes an identity matrix through both LoRA layers to form the d_out x d_in ``B A``; here
-``n`` comes from ``hf_ext.kernels.dora_norm.factored_row_norm`` (``||W||^2 + 2 s rowdot(B, W A^T) +
-s^2 rowdot(B A A^T, B)``), with ``||W||^2`` cached per module and recomputed when the base weight changes
-(keyed on its ``data_ptr`` and ``_version``; an in-place change through ``weight.data`` bumps neither, so call
-``clear_weight_sq_cache(module)`` after one). Merging, unmerging and the saved format are PEFT's: an adapter trained
-here is a plain DoRA adapter that vanilla PEFT loads; nothing is added to ``adapter_config.json``.
+which is PEFT 0.21.2's composition, in PEFT's product order, so CPU outputs match PEFT to fp32 rounding. It runs as
+one fused pass forward and one backward (``hf_ext.kernels.dora_compose``: Triton on CUDA, torch twin elsewhere)
+that keeps only ``base + s lora`` for the magnitude gradient. For the norm, PEFT pushes an identity matrix through
+both LoRA layers to form the d_out x d_in ``B A``; here ``n`` comes from ``hf_ext.kernels.dora_norm.
+factored_row_norm`` (``||W||^2 + 2 s rowdot(B, W A^T) + s^2 rowdot(B A A^T, B)``), with ``||W||^2`` cached per
+module and recomputed when the base weight changes (keyed on its ``data_ptr`` and ``_version``; an in-place change
+through ``weight.data`` bumps neither, so call ``clear_weight_sq_cache(module)`` after one). Merging, unmerging and
+the saved format are PEFT's: an adapter trained here is a plain DoRA adapter that vanilla PEFT loads; nothing is
+added to ``adapter_config.json``.
 
 ``enable_fast_dora(LoraConfig(use_dora=True, ...))`` returns a copy of the config whose plain ``nn.Linear`` (exact
 type, so bitsandbytes subclasses are left to PEFT) and transformers ``Conv1D`` targets get ``FastDoraLinear``;
@@ -34,6 +36,7 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from hf_ext.kernels.dora_compose import dora_compose
 from hf_ext.kernels.dora_norm import factored_row_norm, weight_sq_norms
 
 
@@ -104,19 +107,14 @@ class FastDoraLinearVariant(DoraLinearVariant):
         weight_norm = factored_row_norm(
             weight, lora_A.weight, lora_B.weight, scaling, fan_in_fan_out=fan_in_fan_out, weight_sq=weight_sq
         )
-        mag_norm_scale = (magnitude / weight_norm.clamp_min(1e-12)).view(1, -1)  # fp32 unless m is fp64
-
         if isinstance(dropout, nn.Identity) or not module.training:
-            base_result = result
-            bias = base_layer.bias
-            if bias is not None:
-                base_result = base_result - bias
+            base_result, bias = None, base_layer.bias  # the compose uses result - bias
         else:
             x = dropout(x)
-            base_result = F.linear(x, transpose(weight.to(x.dtype), fan_in_fan_out))
+            base_result, bias = F.linear(x, transpose(weight.to(x.dtype), fan_in_fan_out)), None
 
         lora_result = lora_B(lora_A(x))
-        return result + ((mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling)
+        return dora_compose(result, lora_result, magnitude, weight_norm, scaling, base=base_result, bias=bias)
 
 
 class FastDoraLinear(LoraLinear):
