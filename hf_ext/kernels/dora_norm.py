@@ -34,8 +34,8 @@ import torch
 from hf_ext.kernels.dispatch import tl, triton, use_triton  # noqa: F401 (tl: used by the kernel when triton imports)
 
 
-# 4 MiB: at d = 4096 (CPU) the bf16-base transient is about 4 MiB (3% of PEFT's) at r = 16 and r = 384, at the time
-# of a 16 MiB budget; see benchmarks/results/bench_dora_cpu.md.
+# 4 MiB: at d = 4096 (CPU) the bf16-base transient is about 4 MiB (3% of PEFT's) at r = 16 and r = 384, in about
+# the time of a 16 MiB budget; see benchmarks/results/bench_dora_cpu.md.
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 BLOCK_M = 32
 BLOCK_R = 32
