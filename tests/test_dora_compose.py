@@ -157,6 +157,15 @@ def test_mixed_dtypes_follow_peft_promotion_and_cast_gradients_back():
     assert (result.grad.dtype, lora.grad.dtype, magnitude.grad.dtype) == (torch.bfloat16, torch.float32, torch.float32)
 
 
+def test_no_tokens_give_empty_outputs_and_zero_magnitude_gradient():
+    result, _, bias, lora, magnitude, norm = inputs(0, 5, False)
+    magnitude.requires_grad_()
+    out = dc.dora_compose(result, lora.requires_grad_(), magnitude, norm, 0.5, bias=bias)
+    assert out.shape == (0, 5)
+    out.sum().backward()
+    assert torch.equal(magnitude.grad, torch.zeros(5)) and lora.grad.shape == (0, 5)
+
+
 def test_shape_mismatch_is_a_clear_error():
     result, _, bias, lora, magnitude, norm = inputs(6, 4, False)
     with pytest.raises(ValueError, match=r"magnitude, norm and bias shape \(4,\); got norm \(5,\)"):
@@ -173,7 +182,7 @@ def test_kernels_under_the_interpreter():
     check_interpreted_tests(__file__)
 
 
-KERNEL_SHAPES = [(1, 1), (5, 123), (33, 257), (130, 64)]  # 130 tokens: two backward programs, the last partial
+KERNEL_SHAPES = [(0, 7), (1, 1), (5, 123), (33, 257), (130, 64)]  # 130 tokens: two backward programs, one partial
 TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rtol=8e-3, atol=1e-2)}
 
 

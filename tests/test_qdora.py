@@ -107,9 +107,11 @@ def test_4bit_bf16_storage_matches_peft_qdora():
         assert_close_grad(grad, ref_grads[name], name)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_8bit_outputs_and_gradients_match_peft_qdora(training):
-    reference, fast = peft_and_fast("8bit")
+@pytest.mark.parametrize(
+    ("training", "dropout"), [(True, 0.0), (False, 0.0), (True, 0.3)], ids=["train", "eval", "dropout"]
+)
+def test_8bit_outputs_and_gradients_match_peft_qdora(training, dropout):
+    reference, fast = peft_and_fast("8bit", dropout)
     assert sum(isinstance(m, FastDoraLinear8bitLt) for m in fast.modules()) == 2
     reference.train(training)
     fast.train(training)
@@ -119,7 +121,7 @@ def test_8bit_outputs_and_gradients_match_peft_qdora(training):
         fast.train(not fast.training)
         run_with_grads(fast, x)
     fast.train(training)
-    assert_matches(peft_and_fast("8bit")[0].train(training), fast, x)
+    assert_matches(peft_and_fast("8bit", dropout)[0].train(training), fast, x)
 
 
 @pytest.mark.parametrize(
@@ -136,6 +138,7 @@ def test_quantized_rows_equal_peft_dequantization_in_any_chunking(kind, d_in, ex
     for start, stop in [(0, 37), (0, 1), (5, 17), (36, 37)]:
         assert torch.equal(rows[start:stop], dense[start:stop])
     assert (rows._dense is not None) == (kind == "4bit" and d_in % 64 != 0)  # whole-block rows need no dense copy
+    assert torch.equal(rows.dense(), dense)
 
 
 def test_factored_norm_on_quantized_rows_equals_norm_on_the_dequantized_weight():

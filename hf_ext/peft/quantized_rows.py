@@ -17,7 +17,7 @@ of the quantized storage):
 
 import bitsandbytes.functional as bnbF
 import torch
-from peft.utils.integrations import dequantize_module_weight, get_bnb_param_type
+from peft.utils.integrations import get_bnb_param_type
 
 
 def is_quantized_bnb(base_layer: torch.nn.Module) -> bool:
@@ -36,7 +36,6 @@ class QuantizedRows:
                 f"QuantizedRows needs a bitsandbytes Linear4bit or Linear8bitLt with quantized weights, got "
                 f"{type(base_layer).__name__} with a {type(getattr(base_layer, 'weight', None)).__name__} weight."
             )
-        self._layer = base_layer
         weight = base_layer.weight
         self.device = weight.device
         self.is_cuda = weight.is_cuda
@@ -75,9 +74,13 @@ class QuantizedRows:
         return (self._kind, tuple(self.shape), self.dtype, self.device, tuple(parts))
 
     def dense(self) -> torch.Tensor:
-        """The whole dequantized weight, as PEFT's ``dequantize_module_weight`` returns it."""
+        """The whole dequantized weight: ``dequantize_module_weight``'s values, without its side effect on CPU (it
+        re-assigns an 8-bit weight, after which bitsandbytes' CPU forward fails)."""
         if self._dense is None:
-            self._dense = dequantize_module_weight(self._layer)
+            if self._kind == "8bit":
+                self._dense = bnbF.int8_vectorwise_dequant(self._weight.data, self._scb)
+            else:
+                self._dense = bnbF.dequantize_4bit(self._weight.data, self._state)
         return self._dense
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
