@@ -204,14 +204,15 @@ def test_interpreted_kernels_match_torch_twin(n_tokens, d_out, dtype, base_given
     inner = dc.compose_forward_torch(result, base, bias, lora, g, 0.7, True)[1]
     dy = torch.randn(n_tokens, d_out, generator=torch.Generator().manual_seed(1)).to(dtype)
     shift = 1.0 if base_given else 0.0
-    twin = dc.compose_backward_torch(dy, g, inner, 0.7, shift, True, True)
-    kernel = dc.compose_backward_triton(dy, g, inner, 0.7, shift, True, True)
-    for got, ref in zip(kernel[:2], twin[:2], strict=True):  # both fp32 from the same bf16/fp32 dy
-        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    twin = dc.compose_backward_torch(dy, g, inner, 0.7, shift, dtype, torch.float32)
+    kernel = dc.compose_backward_triton(dy, g, inner, 0.7, shift, dtype, torch.float32)
+    assert (kernel[0].dtype, kernel[1].dtype) == (dtype, torch.float32)
+    torch.testing.assert_close(kernel[0], twin[0], **TOL[dtype])
+    torch.testing.assert_close(kernel[1], twin[1], rtol=1e-6, atol=1e-6)
     assert_close_rel(kernel[2], twin[2], 1e-5, "d_m partial sums")
-    partial = dc.compose_backward_triton(dy, g, None, 0.7, shift, False, True)
+    partial = dc.compose_backward_triton(dy, g, None, 0.7, shift, None, dtype)
     assert partial[0] is None and partial[2] is None
-    torch.testing.assert_close(partial[1], twin[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(partial[1], twin[1].to(dtype), **TOL[dtype])
 
 
 @interpreted

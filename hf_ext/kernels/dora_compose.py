@@ -81,13 +81,14 @@ def compose_forward_torch(result, base, bias, lora, g, scaling: float, save_inne
     return out, inner
 
 
-def compose_backward_torch(dy, g, inner, scaling: float, base_shift: float, need_main, need_lora):
-    """``(d_main, d_lora, dm_sum)``: ``(g - base_shift) dy``, ``g s dy`` (compute dtype) and ``sum_t dy inner``."""
+def compose_backward_torch(dy, g, inner, scaling: float, base_shift: float, main_dtype, lora_dtype):
+    """``(d_main, d_lora, dm_sum)``: ``(g - base_shift) dy`` in ``main_dtype``, ``g s dy`` in ``lora_dtype`` (None: not
+    needed) and ``sum_t dy inner`` (fp32 or wider; None without ``inner``), all computed in at least fp32."""
     cdt = _compute_dtype(dy, g, inner)
     gc = g.to(cdt)
     dyc = dy.to(cdt)
-    d_main = dyc * (gc - base_shift) if need_main else None
-    d_lora = dyc * (gc * scaling) if need_lora else None
+    d_main = (dyc * (gc - base_shift)).to(main_dtype) if main_dtype is not None else None
+    d_lora = (dyc * (gc * scaling)).to(lora_dtype) if lora_dtype is not None else None
     dm_sum = None
     if inner is not None:
         n_tokens, d_out = dy.shape
@@ -127,14 +128,15 @@ def compose_forward_triton(result, base, bias, lora, g, scaling: float, save_inn
     return out, inner
 
 
-def compose_backward_triton(dy, g, inner, scaling: float, base_shift: float, need_main, need_lora):
-    """Same contract as ``compose_backward_torch``; d_main and d_lora come back in fp32."""
+def compose_backward_triton(dy, g, inner, scaling: float, base_shift: float, main_dtype, lora_dtype):
+    """Same contract as ``compose_backward_torch``; the gradients are stored once, in their final dtypes."""
     _need_triton()
     n_tokens, d_out = dy.shape
     dy, g = dy.contiguous(), g.float().contiguous()
     inner = inner.contiguous() if inner is not None else None
-    d_main = torch.empty(n_tokens, d_out, dtype=torch.float32, device=dy.device) if need_main else None
-    d_lora = torch.empty(n_tokens, d_out, dtype=torch.float32, device=dy.device) if need_lora else None
+    need_main, need_lora = main_dtype is not None, lora_dtype is not None
+    d_main = torch.empty(n_tokens, d_out, dtype=main_dtype, device=dy.device) if need_main else None
+    d_lora = torch.empty(n_tokens, d_out, dtype=lora_dtype, device=dy.device) if need_lora else None
     n_progs = triton.cdiv(n_tokens, ROWS_PER_PROGRAM)
     partial = torch.zeros(n_progs, d_out, dtype=torch.float32, device=dy.device) if inner is not None else None
     if dy.numel():
@@ -191,9 +193,9 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
             offs = rows.to(tl.int64)[:, None] * d_out + cols[None, :]
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if WRITE_MAIN:
-                tl.store(dmain_ptr + offs, dy * (g - base_shift), mask=mask)
+                tl.store(dmain_ptr + offs, (dy * (g - base_shift)).to(dmain_ptr.dtype.element_ty), mask=mask)
             if WRITE_LORA:
-                tl.store(dlora_ptr + offs, dy * (g * scaling), mask=mask)
+                tl.store(dlora_ptr + offs, (dy * (g * scaling)).to(dlora_ptr.dtype.element_ty), mask=mask)
             if REDUCE:
                 inner = tl.load(inner_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 acc += tl.sum(dy * inner, axis=0)
@@ -234,19 +236,18 @@ class DoraCompose(torch.autograd.Function):
         g, inner, norm = ctx.saved_tensors
         need = ctx.needs_input_grad
         shape, d_out = dy.shape, dy.shape[-1]
+        result_dt, base_dt, bias_dt, lora_dt, mag_dt = ctx.dtypes
         # d_main is d_base when base is given, else d_result (base = result - bias adds (g - 1) dy to dy)
         need_main = need[1] if ctx.base_given else need[0]
+        main_dt = (base_dt if ctx.base_given else result_dt) if need_main else None
         d_main, d_lora, dm_sum = ctx.backward_impl(
-            dy.reshape(-1, d_out), g, inner, ctx.scaling, 1.0 if ctx.base_given else 0.0, need_main, need[3]
-        )
-        result_dt, base_dt, bias_dt, lora_dt, mag_dt = ctx.dtypes
-        d_result = (dy if ctx.base_given else _shaped(d_main, shape)) if need[0] else None
-        d_result = d_result.to(result_dt) if d_result is not None else None
-        d_base = _shaped(d_main, shape).to(base_dt) if ctx.base_given and need[1] else None
-        d_bias = None
-        if need[2]:
-            d_bias = ((1.0 - g) * dy.reshape(-1, d_out).to(g.dtype).sum(0)).to(bias_dt)
-        d_lora = _shaped(d_lora, shape).to(lora_dt) if need[3] else None
+            dy.reshape(-1, d_out), g, inner, ctx.scaling, 1.0 if ctx.base_given else 0.0, main_dt,
+            lora_dt if need[3] else None,
+        )  # fmt: skip
+        d_result = (dy.to(result_dt) if ctx.base_given else _shaped(d_main, shape)) if need[0] else None
+        d_base = _shaped(d_main, shape) if ctx.base_given and need[1] else None
+        d_bias = ((1.0 - g) * dy.reshape(-1, d_out).to(g.dtype).sum(0)).to(bias_dt) if need[2] else None
+        d_lora = _shaped(d_lora, shape)
         d_mag = (dm_sum / norm.to(dm_sum.dtype).clamp_min(NORM_EPS)).to(mag_dt) if need[4] else None
         return d_result, d_base, d_bias, d_lora, d_mag, None, None
 
