@@ -14,7 +14,8 @@ and the detached fp32 weight row norm ``n`` (``hf_ext.kernels.dora_norm``), per 
 Memory: the only activation-sized tensor kept for backward is ``inner`` (in the promoted dtype of base and lora),
 and only when ``m`` needs a gradient; neither ``result`` nor ``base`` is kept, and with the base derived from
 ``result`` no ``result - bias`` copy is made in the kernel. Everything is computed in fp32 (g stays fp32) and
-stored once in the output dtype.
+stored once in the output dtype; PEFT instead rounds ``result - bias`` to a bf16/fp16 ``result``'s dtype first,
+so with half-precision base outputs the two differ by that one rounding times ``|g - 1|``.
 
 - ``compose_forward_torch`` / ``compose_backward_torch``: the pure-torch twin, the CPU path and the test oracle;
   its d_m reduction sums fp32 partials over token chunks, as the kernel does over token blocks.
