@@ -80,15 +80,19 @@ def test_tiny_chunk_budget_gives_the_same_norm():
     weight, lora_A, lora_B = factors(257, 64, 16)
     assert dora_norm.rows_per_chunk(257, 64, 16, 1) == 1  # a budget below the fixed part still makes progress
     whole = dora_norm.factored_row_norm(weight, lora_A, lora_B, 1.5)
-    # fp32 W, A and B are used in place: G and the output are fixed, U and B G rows per row; 7 rows: 37 chunks
-    budget = (16 * 16 + 257) * 4 + 7 * (2 * 16) * 4
-    assert dora_norm.rows_per_chunk(257, 64, 16, budget, weight_row_bytes=0, upcast_factors=False) == 7
+    # fp32 W, A and B are used in place: G and the output are fixed, U and B G rows per row; 20 rows: 13 chunks
+    budget = (16 * 16 + 257) * 4 + 20 * (2 * 16) * 4
+    assert dora_norm.rows_per_chunk(257, 64, 16, budget, weight_row_bytes=0, upcast_factors=False) == 20
     for chunk_bytes in (1, budget):
         chunked = dora_norm.factored_row_norm(weight, lora_A, lora_B, 1.5, chunk_bytes=chunk_bytes)
         torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=0)
-    # a bf16 W pays for its upcast rows: the same budget plus 7 fp32 W rows gives 7 rows again
-    bf16_budget = budget + 7 * 64 * 4
-    assert dora_norm.rows_per_chunk(257, 64, 16, bf16_budget, weight_row_bytes=64 * 4, upcast_factors=False) == 7
+    # a bf16 W pays for its upcast rows: the same budget plus 20 fp32 W rows gives 20 rows again
+    bf16_budget = budget + 20 * 64 * 4
+    assert dora_norm.rows_per_chunk(257, 64, 16, bf16_budget, weight_row_bytes=64 * 4, upcast_factors=False) == 20
+    # a fixed part above the budget (bf16 A, r = 384, d = 4096: 6.6 MB) leaves the rows half of it, not 1 row
+    assert dora_norm.rows_per_chunk(4096, 4096, 384, 4 * 2**20, weight_row_bytes=4096 * 4) == 2**21 // (
+        (3 * 384 + 4096) * 4
+    )
     w16 = weight.bfloat16()
     whole16 = dora_norm.factored_row_norm(w16, lora_A, lora_B, 1.5)
     chunked16 = dora_norm.factored_row_norm(w16, lora_A, lora_B, 1.5, chunk_bytes=bf16_budget)
