@@ -7,6 +7,11 @@ TRITON_INTERPRET=1 in a subprocess (see test_kernel_adamw4bit.py for why) at 1e-
 different order, so they agree to fp32 rounding, not bit for bit.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from triton_interpreter import check_interpreted_tests, interpreted, parent_only
@@ -75,11 +80,23 @@ def test_tiny_chunk_budget_gives_the_same_norm():
     weight, lora_A, lora_B = factors(257, 64, 16)
     assert dora_norm.rows_per_chunk(257, 64, 16, 1) == 1  # a budget below the fixed part still makes progress
     whole = dora_norm.factored_row_norm(weight, lora_A, lora_B, 1.5)
-    budget = (16 * 64 + 16 * 16 + 257) * 4 + 7 * (64 + 3 * 16) * 4  # fixed part + 7 rows: 37 chunks, last partial
-    assert dora_norm.rows_per_chunk(257, 64, 16, budget) == 7
+    # fp32 W, A and B are used in place: G and the output are fixed, U and B G rows per row; 20 rows: 13 chunks
+    budget = (16 * 16 + 257) * 4 + 20 * (2 * 16) * 4
+    assert dora_norm.rows_per_chunk(257, 64, 16, budget, weight_row_bytes=0, upcast_factors=False) == 20
     for chunk_bytes in (1, budget):
         chunked = dora_norm.factored_row_norm(weight, lora_A, lora_B, 1.5, chunk_bytes=chunk_bytes)
         torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=0)
+    # a bf16 W pays for its upcast rows: the same budget plus 20 fp32 W rows gives 20 rows again
+    bf16_budget = budget + 20 * 64 * 4
+    assert dora_norm.rows_per_chunk(257, 64, 16, bf16_budget, weight_row_bytes=64 * 4, upcast_factors=False) == 20
+    # a fixed part above the budget (bf16 A, r = 384, d = 4096: 6.6 MB) leaves the rows half of it, not 1 row
+    assert dora_norm.rows_per_chunk(4096, 4096, 384, 4 * 2**20, weight_row_bytes=4096 * 4) == 2**21 // (
+        (3 * 384 + 4096) * 4
+    )
+    w16 = weight.bfloat16()
+    whole16 = dora_norm.factored_row_norm(w16, lora_A, lora_B, 1.5)
+    chunked16 = dora_norm.factored_row_norm(w16, lora_A, lora_B, 1.5, chunk_bytes=bf16_budget)
+    torch.testing.assert_close(chunked16, whole16, rtol=1e-6, atol=0)
 
 
 def test_no_gradient_flows_into_the_norm():
@@ -141,6 +158,41 @@ def test_matches_peft_dora_weight_norm(fan_in_fan_out):
         peft_norm = magnitude.get_weight_norm(weight, lora_weight, scaling)
     ours = dora_norm.factored_row_norm(weight, lora_A.weight, lora_B.weight, scaling, fan_in_fan_out=fan_in_fan_out)
     torch.testing.assert_close(ours, peft_norm.detach().float(), rtol=2e-6, atol=0)
+
+
+_TRANSIENT_CHILD = """
+import json, torch
+from hf_ext.kernels.dora_norm import factored_row_norm
+torch.set_num_threads(2)
+def kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+d, out = 4096, {}
+weight = (torch.randn(d, d) / d**0.5).bfloat16()
+for rank in (16, 384):
+    lora_A, lora_B = torch.randn(rank, d) / d**0.5, torch.randn(d, rank) * 0.02
+    factored_row_norm(weight, lora_A, lora_B, 2.0)  # warm-up
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS
+    before = kib("VmRSS")
+    norm = factored_row_norm(weight, lora_A, lora_B, 2.0)
+    out[rank] = (kib("VmHWM") - before) * 1024
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc (Linux)")
+def test_bf16_base_norm_transient_stays_under_5_percent_of_peft_at_4096():
+    """bf16 W 4096 x 4096 with PEFT's default fp32 adapters, r = 16 and 384, in a fresh process (method of
+    benchmarks/bench_dora.py). PEFT's norm forms an fp32 identity and B A, at least 2 * 64 MiB here (measured 134
+    MiB in all), so 5% of it is 6.4 MiB; the factored norm takes about 4 MiB (its chunk budget)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    run = subprocess.run(
+        [sys.executable, "-c", _TRANSIENT_CHILD], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    transients = json.loads(run.stdout.strip().splitlines()[-1])
+    assert all(0 < t < 0.05 * 128 * 2**20 for t in transients.values()), transients
 
 
 @parent_only

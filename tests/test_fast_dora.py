@@ -133,6 +133,14 @@ def test_conv1d_target_matches_peft_dora():
     assert_same_outputs_and_grads(reference, fast, torch.randn(4, 16))
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no_dropout", "dropout"])
+def test_training_forward_runs_through_the_fused_compose(dropout):
+    _, fast = peft_and_fast(lambda: small_mlp(True), dora_config(dropout, targets=["2"]))
+    fast.train()
+    out = fast(torch.randn(3, 16))
+    assert type(out.grad_fn).__name__ == "DoraComposeBackward"  # the last layer's output is the compose's
+
+
 def test_merge_and_unload_gives_peft_merged_weights():
     reference, fast = peft_and_fast(build_tiny_model, dora_config())
     merged_ref = reference.merge_and_unload().state_dict()

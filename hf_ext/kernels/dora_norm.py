@@ -10,11 +10,13 @@ so no d_out x d_in temporary (PEFT's ``B A``) is ever formed. ``W`` is (d_out, d
 (d_out, r). Everything accumulates in fp32 whatever the input dtypes; ``n^2`` is clamped at 0 before the sqrt;
 the result is detached (DoRA treats n as a constant) and fp32, shape (d_out,).
 
-Algorithm, shared by both implementations: ``A`` is upcast once and ``G`` formed once; output rows are processed
-in chunks sized so that one chunk's fp32 working set (a W row block, its U, B and B G rows) plus the fixed part
-(A, G, the output) stays under ``chunk_bytes``. Per chunk, ``U = W_c A^T`` is a torch GEMM (fp32), ``||W_c||^2``
-is taken from the same upcast block unless the caller passes a cached ``weight_sq`` (``weight_sq_norms``), and
-the per-row combination ``||W||^2 + 2 s rowdot(B, U) + s^2 rowdot(B G, B)``, clamp and sqrt is done by
+Algorithm, shared by both implementations: ``A`` is upcast once (a no-op for PEFT's default fp32 adapters) and
+``G`` formed once; output rows are processed in chunks sized so that what the call allocates in fp32 stays under
+``chunk_bytes``: the fixed part (G, the output, and A if it is upcast) plus per row U and B G, and the W and B rows
+if they are upcast (a fp32 W is used in place, so only a bf16/fp16 base pays for its rows). Per chunk, ``U = W_c
+A^T`` is a torch GEMM (fp32), ``||W_c||^2`` is taken from the same block unless the caller passes a cached
+``weight_sq`` (``weight_sq_norms``), and a chunk's temporaries are freed before the next chunk is upcast; the
+per-row combination ``||W||^2 + 2 s rowdot(B, U) + s^2 rowdot(B G, B)``, clamp and sqrt is done by
 
 - ``combine_rows_torch``: the pure-torch twin;
 - ``combine_rows_triton``: a Triton kernel, one program per ``BLOCK_M`` rows, looping over rank blocks of
@@ -32,39 +34,57 @@ import torch
 from hf_ext.kernels.dispatch import tl, triton, use_triton  # noqa: F401 (tl: used by the kernel when triton imports)
 
 
-# 16 MiB: at d = 4096, r = 384 (CPU) as fast as 256 MiB, with a transient of 2.4 MiB (fp32 base) and 15.7 MiB (bf16
-# base) instead of 18 and 83 MiB; PEFT's dense norm takes about 262 and 134 MiB there.
-DEFAULT_CHUNK_BYTES = 16 * 2**20
+# 4 MiB: at d = 4096 (CPU) the bf16-base transient is about 4 MiB (3% of PEFT's) at r = 16 and r = 384, in about
+# the time of a 16 MiB budget; see benchmarks/results/bench_dora_cpu.md.
+DEFAULT_CHUNK_BYTES = 4 * 2**20
 BLOCK_M = 32
 BLOCK_R = 32
 _FP32 = 4
 
 
-def _oriented(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    """``W`` as (d_out, d_in): a view, transposed when the layer stores it as (d_in, d_out)."""
+def _oriented(weight, fan_in_fan_out: bool):
+    """``W`` as (d_out, d_in): a view, transposed when the layer stores it as (d_in, d_out); row sources as given."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (a Linear or Conv1D weight), got shape {tuple(weight.shape)}")
+    if not isinstance(weight, torch.Tensor) and fan_in_fan_out:
+        raise ValueError("a row source (e.g. QuantizedRows) is already (d_out, d_in); pass fan_in_fan_out=False")
     return weight.t() if fan_in_fan_out else weight
 
 
-def rows_per_chunk(d_out: int, d_in: int, rank: int, chunk_bytes: int) -> int:
-    """Output rows per chunk: fixed fp32 part (A, G, output) plus per row (W row, U, B, B G) under the budget."""
+def weight_row_bytes(w) -> int:
+    """fp32 bytes one W row costs a chunk: 0 for a fp32 tensor (used in place), its fp32 copy for other dtypes, and
+    a row source's own ``row_bytes`` (dequantized row plus upcast)."""
+    if not isinstance(w, torch.Tensor):
+        return w.row_bytes
+    return 0 if w.dtype == torch.float32 else w.shape[1] * _FP32
+
+
+def rows_per_chunk(
+    d_out: int, d_in: int, rank: int, chunk_bytes: int, weight_row_bytes: int | None = None, upcast_factors=True
+) -> int:
+    """Output rows per chunk: fixed fp32 part (G, output, A if upcast) plus per row (U, B G, the W row's
+    ``weight_row_bytes`` (default: a fp32 copy) and the B row if upcast) under ``chunk_bytes``. The rows always get
+    at least half the budget: a fixed part near or above it (a bf16 A at high rank) must not shrink chunks to a few
+    rows, which makes the GEMMs slow (d = 4096, r = 384, bf16 adapters: 1 row per chunk is 10x slower)."""
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}; the default is {DEFAULT_CHUNK_BYTES}")
-    fixed = (rank * d_in + rank * rank + d_out) * _FP32
-    per_row = (d_in + 3 * rank) * _FP32
-    return max(1, min(d_out, (chunk_bytes - fixed) // per_row))
+    w_row = d_in * _FP32 if weight_row_bytes is None else weight_row_bytes
+    fixed = (rank * rank + d_out + (rank * d_in if upcast_factors else 0)) * _FP32
+    per_row = (2 * rank + (rank if upcast_factors else 0)) * _FP32 + w_row
+    return max(1, min(d_out, max(chunk_bytes - fixed, chunk_bytes // 2) // max(per_row, 1)))
 
 
 def _row_sq(block: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,ij->i", block, block)  # batched row dot products: no squared copy of the block
 
 
-def weight_sq_norms(weight: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """``||W_i||^2`` per output row, fp32, detached, shape (d_out,): cache it per module (W is frozen)."""
+def weight_sq_norms(weight, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """``||W_i||^2`` per output row, fp32, detached, shape (d_out,): cache it per module (W is frozen).
+
+    ``weight``: a 2-D tensor or a row source (see ``factored_row_norm``)."""
     w = _oriented(weight, fan_in_fan_out)
     d_out, d_in = w.shape
-    step = rows_per_chunk(d_out, d_in, 0, DEFAULT_CHUNK_BYTES)
+    step = rows_per_chunk(d_out, d_in, 0, DEFAULT_CHUNK_BYTES, weight_row_bytes(w))
     out = torch.empty(d_out, dtype=torch.float32, device=w.device)
     with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
         for start in range(0, d_out, step):
@@ -83,8 +103,11 @@ def factored_row_norm(
 ) -> torch.Tensor:
     """``||W + scaling * lora_B @ lora_A||`` per output row, fp32, detached, shape (d_out,); see the module docstring.
 
-    ``lora_A``: (r, d_in), ``lora_B``: (d_out, r) (PEFT's ``lora_A.weight`` / ``lora_B.weight``); ``weight_sq``: an
-    optional precomputed ``weight_sq_norms(weight, fan_in_fan_out)``; ``chunk_bytes``: fp32 working-set budget.
+    ``weight``: a 2-D tensor, or a row source already (d_out, d_in) that gives dense rows for a row slice and has
+    ``shape``, ``dtype``, ``device``, ``is_cuda``, ``dim()`` and ``row_bytes`` (``hf_ext.peft.quantized_rows.
+    QuantizedRows``: bitsandbytes weights dequantized chunk by chunk); ``lora_A``: (r, d_in), ``lora_B``: (d_out, r)
+    (PEFT's ``lora_A.weight`` / ``lora_B.weight``); ``weight_sq``: an optional precomputed
+    ``weight_sq_norms(weight, fan_in_fan_out)``; ``chunk_bytes``: budget for what the call allocates in fp32.
     """
     combine = combine_rows_triton if use_triton(weight) else combine_rows_torch
     return _factored_row_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, weight_sq, chunk_bytes, combine)
@@ -112,28 +135,35 @@ def _factored_row_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, weight_s
     d_out, d_in = w.shape
     scaling = float(scaling)
     rank = 0 if scaling == 0.0 else lora_A.shape[0]
-    step = rows_per_chunk(d_out, d_in, rank, chunk_bytes)
+    upcast_factors = lora_A.dtype != torch.float32 or lora_B.dtype != torch.float32
+    step = rows_per_chunk(d_out, d_in, rank, chunk_bytes, weight_row_bytes(w), upcast_factors)
     out = torch.empty(d_out, dtype=torch.float32, device=w.device)
     with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
-        if rank:
-            a = lora_A.detach().float()
-            gram = (a @ a.t()).contiguous()
+        a = lora_A.detach().float() if rank else None
+        gram = (a @ a.t()).contiguous() if rank else None
         for start in range(0, d_out, step):
             rows = slice(start, start + step)
-            w_c = w[rows].detach().float() if rank or weight_sq is None else None
-            wsq = _row_sq(w_c) if weight_sq is None else weight_sq[rows].detach().float()
-            if not rank:
-                out[rows] = torch.sqrt(wsq.clamp_min(0.0))
-                continue
-            u = w_c @ a.t()
-            out[rows] = combine(u, lora_B[rows].detach().float(), gram, wsq, scaling)
+            wsq = None if weight_sq is None else weight_sq[rows].detach().float()
+            out[rows] = _chunk_norm(w[rows].detach(), a, lora_B[rows].detach(), gram, wsq, scaling, combine)
     return out
+
+
+def _chunk_norm(w_rows, a, b_rows, gram, wsq, scaling, combine):
+    """One chunk's norms; its fp32 temporaries die on return, before the next chunk's W rows are upcast."""
+    if a is None and wsq is not None:
+        return torch.sqrt(wsq.clamp_min(0.0))
+    w_c = w_rows.float()
+    if wsq is None:
+        wsq = _row_sq(w_c)
+    if a is None:
+        return torch.sqrt(wsq.clamp_min(0.0))
+    return combine(w_c @ a.t(), b_rows.float(), gram, wsq, scaling)
 
 
 def combine_rows_torch(u, b, gram, wsq, scaling: float) -> torch.Tensor:
     """Twin of the kernel: ``sqrt(max(wsq + 2 s rowdot(b, u) + s^2 rowdot(b G, b), 0))``, all fp32."""
-    cross = (b * u).sum(dim=1)
-    gram_term = ((b @ gram) * b).sum(dim=1)
+    cross = torch.einsum("ij,ij->i", b, u)  # row dots without a product temporary
+    gram_term = torch.einsum("ij,ij->i", b @ gram, b)
     return torch.sqrt((wsq + (2.0 * scaling) * cross + (scaling * scaling) * gram_term).clamp_min(0.0))
 
 

@@ -1,13 +1,15 @@
-"""PEFT extensions: ALLoRA (``enable_allora``) and DoRA with a factored weight norm (``enable_fast_dora``)."""
+"""PEFT extensions: ALLoRA (``enable_allora``) and fast DoRA / QDoRA (``enable_fast_dora``)."""
 
 from .allora import ALLoRALinear, ALLoRAProduct, allora_row_scale, enable_allora
-from .dora import FastDoraLinear, FastDoraLinearVariant, enable_fast_dora
+from .dora import FastDoraLinear, FastDoraLinear4bit, FastDoraLinear8bitLt, FastDoraLinearVariant, enable_fast_dora
 
 
 __all__ = [
     "ALLoRALinear",
     "ALLoRAProduct",
     "FastDoraLinear",
+    "FastDoraLinear4bit",
+    "FastDoraLinear8bitLt",
     "FastDoraLinearVariant",
     "allora_row_scale",
     "enable_allora",

@@ -7,45 +7,58 @@ For a linear layer with frozen ``W`` (d_out x d_in, after undoing ``fan_in_fan_o
     g   = m / n
     y   = result + (g - 1) * base + g * lora * s,    base = W x (= result - bias), lora = B A x
 
-which is PEFT 0.21.2's composition, in PEFT's product order, so CPU outputs match PEFT to fp32 rounding. Only the
-norm changes: PEFT pushes an identity matrix through both LoRA layers to form the d_out x d_in ``B A``; here
-``n`` comes from ``hf_ext.kernels.dora_norm.factored_row_norm`` (``||W||^2 + 2 s rowdot(B, W A^T) +
-s^2 rowdot(B A A^T, B)``), with ``||W||^2`` cached per module and recomputed when the base weight changes
-(keyed on its ``data_ptr`` and ``_version``; an in-place change through ``weight.data`` bumps neither, so call
-``clear_weight_sq_cache(module)`` after one). Merging, unmerging and the saved format are PEFT's: an adapter trained
-here is a plain DoRA adapter that vanilla PEFT loads; nothing is added to ``adapter_config.json``.
+which is PEFT 0.21.2's composition, in PEFT's product order, so CPU outputs match PEFT to fp32 rounding. It runs as
+one fused pass forward and one backward (``hf_ext.kernels.dora_compose``: Triton on CUDA, torch twin elsewhere)
+that keeps only ``base + s lora`` for the magnitude gradient. For the norm, PEFT pushes an identity matrix through
+both LoRA layers to form the d_out x d_in ``B A``; here ``n`` comes from ``hf_ext.kernels.dora_norm.
+factored_row_norm`` (``||W||^2 + 2 s rowdot(B, W A^T) + s^2 rowdot(B A A^T, B)``), with ``||W||^2`` cached per
+module and recomputed when the base weight changes (keyed on its ``data_ptr`` and ``_version``; an in-place change
+through ``weight.data`` bumps neither, so call ``clear_weight_sq_cache(module)`` after one). Merging, unmerging and
+the saved format are PEFT's: an adapter trained here is a plain DoRA adapter that vanilla PEFT loads; nothing is
+added to ``adapter_config.json``.
 
 ``enable_fast_dora(LoraConfig(use_dora=True, ...))`` returns a copy of the config whose plain ``nn.Linear`` (exact
-type, so bitsandbytes subclasses are left to PEFT) and transformers ``Conv1D`` targets get ``FastDoraLinear``;
-every other target type falls back to PEFT's own DoRA with a warning naming the type.
+type) and transformers ``Conv1D`` targets get ``FastDoraLinear``, and whose bitsandbytes ``Linear4bit`` /
+``Linear8bitLt`` targets (QDoRA, in a model loaded in 4/8 bit, PEFT's own condition) get ``FastDoraLinear4bit`` /
+``FastDoraLinear8bitLt``: there the norm reads W through ``hf_ext.peft.quantized_rows.QuantizedRows``, dequantized
+one row chunk at a time (PEFT dequantizes the whole weight every forward), with ``||W||^2`` cached on the quantized
+storage; only the dropout path, which needs ``W dropout(x)``, dequantizes the whole weight, as PEFT does. Every
+other target type falls back to PEFT's own DoRA with a warning naming the type.
 """
 
 import copy
 import warnings
 
+import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig
+from peft.tuners.lora import bnb as peft_bnb
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
 from peft.tuners.lora.variants import DoraLinearVariant
-from peft.utils.integrations import dequantize_module_weight
 from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from hf_ext.kernels.dora_compose import dora_compose
 from hf_ext.kernels.dora_norm import factored_row_norm, weight_sq_norms
+from hf_ext.peft.quantized_rows import QuantizedRows, is_quantized_bnb
 
 
 _CACHE_ATTR = "_fast_dora_weight_sq"
 
 
-def _weight_key(weight: torch.Tensor, fan_in_fan_out: bool) -> tuple:
+def _weight_key(weight, fan_in_fan_out: bool) -> tuple:
+    if isinstance(weight, QuantizedRows):
+        return weight.cache_key()  # the quantized storage and its statistics
     return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device, fan_in_fan_out)
 
 
-def cached_weight_sq(module: nn.Module, weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    """``||W_i||^2`` per output row (fp32, detached), cached on ``module`` until the base weight changes."""
+def cached_weight_sq(module: nn.Module, weight, fan_in_fan_out: bool) -> torch.Tensor:
+    """``||W_i||^2`` per output row (fp32, detached), cached on ``module`` until the base weight changes.
+
+    ``weight``: the base weight, or the ``QuantizedRows`` of a bitsandbytes base."""
     key = _weight_key(weight, fan_in_fan_out)
     entry = module.__dict__.get(_CACHE_ATTR)
     if entry is None or entry[0] != key:
@@ -60,7 +73,7 @@ def clear_weight_sq_cache(module: nn.Module) -> None:
         sub.__dict__.pop(_CACHE_ATTR, None)
 
 
-def _check_same_dtype_and_device(module: LoraLinear, adapter: str, weight: torch.Tensor, x: torch.Tensor) -> None:
+def _check_same_dtype_and_device(module: LoraLinear, adapter: str, weight, x: torch.Tensor) -> None:
     """The base weight, A, B, the magnitude and the LoRA input on one device; A, B, magnitude and input in one dtype.
 
     A base weight in another floating dtype than the adapter is allowed: it is PEFT's default with a bf16/fp16 base
@@ -75,7 +88,7 @@ def _check_same_dtype_and_device(module: LoraLinear, adapter: str, weight: torch
     }
     devices = {name: t.device for name, t in tensors.items()}
     adapter_dtypes = {name: t.dtype for name, t in tensors.items() if name != "base weight"}
-    if len(set(devices.values())) > 1 or len(set(adapter_dtypes.values())) > 1 or not weight.is_floating_point():
+    if len(set(devices.values())) > 1 or len(set(adapter_dtypes.values())) > 1 or not weight.dtype.is_floating_point:
         found = ", ".join(f"{name}: {t.dtype} on {t.device}" for name, t in tensors.items())
         raise ValueError(
             "Mismatched dtypes or devices between base and adapter in fast DoRA: all must be on one device, the "
@@ -97,29 +110,33 @@ class FastDoraLinearVariant(DoraLinearVariant):
         magnitude = module.lora_magnitude_vector[active_adapter].weight
         base_layer = module.get_base_layer()
         fan_in_fan_out = module.fan_in_fan_out
-        weight = dequantize_module_weight(base_layer)
+        weight = QuantizedRows(base_layer) if is_quantized_bnb(base_layer) else base_layer.weight
         _check_same_dtype_and_device(module, active_adapter, weight, x)
 
         weight_sq = cached_weight_sq(module, weight, fan_in_fan_out)
         weight_norm = factored_row_norm(
             weight, lora_A.weight, lora_B.weight, scaling, fan_in_fan_out=fan_in_fan_out, weight_sq=weight_sq
         )
-        mag_norm_scale = (magnitude / weight_norm.clamp_min(1e-12)).view(1, -1)  # fp32 unless m is fp64
-
         if isinstance(dropout, nn.Identity) or not module.training:
-            base_result = result
-            bias = base_layer.bias
-            if bias is not None:
-                base_result = base_result - bias
+            base_result, bias = None, base_layer.bias  # the compose uses result - bias
         else:
             x = dropout(x)
-            base_result = F.linear(x, transpose(weight.to(x.dtype), fan_in_fan_out))
+            dense = weight.dense() if isinstance(weight, QuantizedRows) else weight
+            base_result, bias = F.linear(x, transpose(dense.to(x.dtype), fan_in_fan_out)), None
 
         lora_result = lora_B(lora_A(x))
-        return result + ((mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling)
+        return dora_compose(result, lora_result, magnitude, weight_norm, scaling, base=base_result, bias=bias)
 
 
-class FastDoraLinear(LoraLinear):
+class _FastDoraVariantMixin:
+    """Swaps PEFT's ``DoraLinearVariant`` for ``FastDoraLinearVariant`` when a LoRA layer resolves its variant."""
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs) -> LoraVariant | None:
+        variant = super().resolve_lora_variant(config=config, **kwargs)
+        return FastDoraLinearVariant() if type(variant) is DoraLinearVariant else variant
+
+
+class FastDoraLinear(_FastDoraVariantMixin, LoraLinear):
     """PEFT's LoRA ``Linear`` for ``nn.Linear`` and ``Conv1D`` bases; DoRA runs through ``FastDoraLinearVariant``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs):
@@ -147,19 +164,38 @@ class FastDoraLinear(LoraLinear):
             )
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
 
-    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs) -> LoraVariant | None:
-        variant = super().resolve_lora_variant(config=config, **kwargs)
-        return FastDoraLinearVariant() if type(variant) is DoraLinearVariant else variant
+
+class FastDoraLinear4bit(_FastDoraVariantMixin, peft_bnb.Linear4bit):
+    """PEFT's QLoRA ``Linear4bit`` layer (QDoRA) with ``FastDoraLinearVariant``: factored norm on 4-bit row chunks."""
+
+
+class FastDoraLinear8bitLt(_FastDoraVariantMixin, peft_bnb.Linear8bitLt):
+    """PEFT's ``Linear8bitLt`` LoRA layer (QDoRA) with ``FastDoraLinearVariant``: factored norm on 8-bit row chunks."""
 
 
 def _dispatch_fast_dora(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs) -> nn.Module | None:
-    """The custom-module factory: ``FastDoraLinear`` for supported bases, ``None`` (PEFT's dispatchers) otherwise."""
+    """The custom-module factory: a fast DoRA layer for supported bases, ``None`` (PEFT's dispatchers) otherwise.
+
+    bitsandbytes layers are taken under PEFT's own conditions (the model is loaded in 4/8 bit) with the keyword
+    arguments PEFT's ``dispatch_bnb_4bit`` / ``dispatch_bnb_8bit`` pass.
+    """
     base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
     if type(base) is nn.Linear or isinstance(base, Conv1D):
         return FastDoraLinear(target, adapter_name, config=config, **kwargs)
+    if kwargs.get("loaded_in_4bit") and isinstance(base, bnb.nn.Linear4bit):
+        kwargs.update(
+            compute_dtype=base.compute_dtype,
+            compress_statistics=base.weight.compress_statistics,
+            quant_type=base.weight.quant_type,
+        )
+        return FastDoraLinear4bit(target, adapter_name, config=config, **kwargs)
+    if kwargs.get("loaded_in_8bit") and isinstance(base, bnb.nn.Linear8bitLt):
+        kwargs.update(has_fp16_weights=base.state.has_fp16_weights, threshold=base.state.threshold, index=base.index)
+        return FastDoraLinear8bitLt(target, adapter_name, config=config, **kwargs)
     warnings.warn(
-        f"fast DoRA supports torch.nn.Linear and transformers Conv1D targets only; "
-        f"{type(base).__module__}.{type(base).__name__} falls back to PEFT's own DoRA (dense B @ A norm).",
+        f"fast DoRA supports torch.nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt (in a "
+        f"model loaded in 4/8 bit) targets only; {type(base).__module__}.{type(base).__name__} falls back to PEFT's "
+        "own DoRA (dense B @ A norm).",
         stacklevel=2,
     )
     return None
