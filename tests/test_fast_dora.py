@@ -13,7 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hf_ext.embedded import build_tiny_model
-from hf_ext.peft.dora import FastDoraLinear, FastDoraLinearVariant, enable_fast_dora
+from hf_ext.peft.dora import FastDoraLinear, FastDoraLinearVariant, apply_fast_dora, enable_fast_dora
 
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # q/k/v carry a bias
@@ -253,3 +253,66 @@ def test_unknown_dora_impl_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="dora_impl='triton' is not known; allowed values: fused, peft"):
         GRPOConfig(str(tmp_path), dora_impl="triton", use_cpu=True, bf16=False)
+
+
+def fast_variants(model) -> int:
+    return sum(
+        isinstance(v, FastDoraLinearVariant) for m in model.modules() for v in getattr(m, "lora_variant", {}).values()
+    )
+
+
+def test_apply_fast_dora_switches_a_loaded_adapter_without_changing_outputs(tmp_path):
+    reference, _ = peft_and_fast(build_tiny_model, dora_config())
+    reference.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build_tiny_model(), tmp_path).eval()
+    inputs = tiny_inputs(loaded)
+    with torch.no_grad():
+        before = loaded(inputs_embeds=inputs).logits
+        assert fast_variants(loaded) == 0
+        assert apply_fast_dora(loaded) == 2 * len(LINEARS)  # 2 decoder layers
+        assert fast_variants(loaded) == 2 * len(LINEARS) and apply_fast_dora(loaded) == 0
+        torch.testing.assert_close(loaded(inputs_embeds=inputs).logits, before, atol=FORWARD_ATOL, rtol=0)
+
+
+def test_apply_fast_dora_reaches_a_dora_adapter_added_to_a_lora_layer():
+    """PEFT reuses an existing LoRA layer for a new adapter, so the factory never sees it."""
+    model = get_peft_model(small_mlp(True), LoraConfig(target_modules=["0"]))
+    model.add_adapter("dora", enable_fast_dora(dora_config(targets=["0"])))
+    assert fast_variants(model) == 0
+    assert apply_fast_dora(model) == 1
+
+
+def test_peft_dora_caching_holds_the_fast_norm_in_eval_only():
+    from peft.helpers import DoraCaching
+
+    reference, fast = peft_and_fast(lambda: small_mlp(True), dora_config(targets=["0", "2"]))
+    magnitude_layers = [m.lora_magnitude_vector["default"] for m in fast_layers(fast)]
+    inputs = torch.randn(5, 16)
+    fast.eval()
+    with DoraCaching(), torch.no_grad():
+        first = fast(inputs)
+        assert all(layer._dora_cache for layer in magnitude_layers)
+        for layer in magnitude_layers:  # a cached norm is used as is: poisoning it changes the output
+            layer._dora_cache["weight-norm-default"] = layer._dora_cache["weight-norm-default"] * 2
+        assert not torch.allclose(fast(inputs), first)
+    fast(inputs)  # caching off again: the cache is dropped and the norm recomputed
+    assert not any(layer._dora_cache for layer in magnitude_layers)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(inputs), reference.eval()(inputs), atol=FORWARD_ATOL, rtol=0)
+    fast.train()
+    with DoraCaching():
+        fast(inputs)
+    assert not any(layer._dora_cache for layer in magnitude_layers)  # never in training
+
+
+def test_trainer_switches_a_peft_model_it_is_given(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_ext import SFTConfig, SFTTrainer
+    from hf_ext.embedded import count_sft_dataset, materialize_model
+
+    base = AutoModelForCausalLM.from_pretrained(materialize_model())
+    peft_model = get_peft_model(base, dora_config(targets=["q_proj", "v_proj"]))
+    args = SFTConfig(str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    trainer = SFTTrainer(peft_model, args=args, train_dataset=count_sft_dataset(8))
+    assert fast_variants(trainer.model) == 4

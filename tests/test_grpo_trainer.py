@@ -113,6 +113,28 @@ def test_ba_with_trl_config_is_refused(tmp_path):
         )
 
 
+def test_trl_config_runs_trl_losses_and_gets_a_card(tmp_path):
+    """A plain trl.GRPOConfig carries no hf_ext switch: TRL's loss runs as is, and the card still gets written."""
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path),
+        num_generations=3,
+        per_device_train_batch_size=6,
+        max_completion_length=4,
+        max_steps=1,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+    )
+    trainer = GRPOTrainer(
+        model=str(materialize_model()), reward_funcs=count_reward, args=args, train_dataset=count_dataset(12)
+    )
+    trainer.train()
+    trainer.save_model()
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: transformers" in card and "No hf_ext method beyond GRPO's defaults." in card
+
+
 def test_non_finite_reward_stops_training_with_the_functions_name(tmp_path):
     def broken_reward(completions, **kwargs):
         return [float("inf")] + [0.0] * (len(completions) - 1)

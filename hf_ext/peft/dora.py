@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig
 from peft.tuners.lora import bnb as peft_bnb
+from peft.tuners.lora import dora as peft_dora
 from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.lora.layer import LoraVariant
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.tuners.lora.variants import DoraLinearVariant
 from peft.utils.other import transpose
 from torch import nn
@@ -98,6 +99,30 @@ def _check_same_dtype_and_device(module: LoraLinear, adapter: str, weight, x: to
         )
 
 
+def _weight_norm(module: LoraLinear, adapter: str, weight) -> torch.Tensor:
+    """The factored norm of ``module``'s ``adapter``. Under PEFT's ``DoraCaching`` in eval mode it is kept in the
+    magnitude layer's cache, as PEFT's own DoRA keeps it (same key; cleared in training or with caching off)."""
+    magnitude_layer = module.lora_magnitude_vector[adapter]
+    caching = peft_dora.ENABLE_DORA_CACHING and not magnitude_layer.training
+    if not caching:
+        magnitude_layer._cache_clear()
+    key = f"weight-norm-{adapter}"
+    weight_norm = magnitude_layer._cache_get(key, None) if caching else None
+    if weight_norm is None:
+        fan_in_fan_out = module.fan_in_fan_out
+        weight_norm = factored_row_norm(
+            weight,
+            module.lora_A[adapter].weight,
+            module.lora_B[adapter].weight,
+            module.scaling[adapter],
+            fan_in_fan_out=fan_in_fan_out,
+            weight_sq=cached_weight_sq(module, weight, fan_in_fan_out),
+        )
+        if caching:
+            magnitude_layer._cache_store(key, weight_norm)
+    return weight_norm
+
+
 class FastDoraLinearVariant(DoraLinearVariant):
     """PEFT's DoRA variant for linear layers with the factored fp32 weight norm; init and merging are inherited."""
 
@@ -113,10 +138,7 @@ class FastDoraLinearVariant(DoraLinearVariant):
         weight = QuantizedRows(base_layer) if is_quantized_bnb(base_layer) else base_layer.weight
         _check_same_dtype_and_device(module, active_adapter, weight, x)
 
-        weight_sq = cached_weight_sq(module, weight, fan_in_fan_out)
-        weight_norm = factored_row_norm(
-            weight, lora_A.weight, lora_B.weight, scaling, fan_in_fan_out=fan_in_fan_out, weight_sq=weight_sq
-        )
+        weight_norm = _weight_norm(module, active_adapter, weight)
         if isinstance(dropout, nn.Identity) or not module.training:
             base_result, bias = None, base_layer.bias  # the compose uses result - bias
         else:
@@ -201,11 +223,46 @@ def _dispatch_fast_dora(target: nn.Module, adapter_name: str, config: LoraConfig
     return None
 
 
+def _fast_path_supports(base: nn.Module) -> bool:
+    return type(base) is nn.Linear or isinstance(base, Conv1D) or is_quantized_bnb(base)
+
+
+def apply_fast_dora(model: nn.Module) -> int:
+    """Switch the DoRA adapters already in ``model`` to the fast variant; returns how many were switched.
+
+    For models whose layers ``enable_fast_dora`` did not build: an adapter loaded with ``PeftModel.from_pretrained``
+    or ``load_adapter``, or a DoRA adapter added to a layer that already holds a plain LoRA adapter (PEFT then reuses
+    the existing layer). Layers keep their PEFT class; an adapter added to them later needs another call. Linear DoRA
+    adapters on other base types stay PEFT's, with a warning naming the type.
+    """
+    switched = 0
+    for name, module in model.named_modules():
+        variants = getattr(module, "lora_variant", None)
+        if not isinstance(module, LoraLayer) or not variants:
+            continue
+        for adapter, variant in variants.items():
+            if type(variant) is not DoraLinearVariant:
+                continue
+            base = module.get_base_layer()
+            if _fast_path_supports(base):
+                variants[adapter] = FastDoraLinearVariant()
+                switched += 1
+            else:
+                warnings.warn(
+                    f"apply_fast_dora: {name} ({type(base).__module__}.{type(base).__name__}) keeps PEFT's own DoRA; "
+                    "the fast path supports torch.nn.Linear, transformers Conv1D and bitsandbytes 4/8-bit bases.",
+                    stacklevel=2,
+                )
+    return switched
+
+
 def enable_fast_dora(config: LoraConfig) -> LoraConfig:
     """A copy of ``config`` (which must have ``use_dora=True``) whose linear DoRA layers use the factored norm.
 
     Use it like any ``LoraConfig``: ``get_peft_model(model, enable_fast_dora(LoraConfig(use_dora=True, ...)))``.
-    The registration is not serialized: the saved adapter is a plain PEFT DoRA adapter.
+    The registration is not serialized: the saved adapter is a plain PEFT DoRA adapter (reload it fast with
+    ``apply_fast_dora``). It catches every target type first, so register your own custom modules
+    (``config._register_custom_module``) before calling this, not after.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"enable_fast_dora needs a peft.LoraConfig, got {type(config).__name__}.")

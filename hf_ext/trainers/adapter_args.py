@@ -7,7 +7,7 @@ Training flags live in the training config, never in ``adapter_config.json``: th
 from dataclasses import dataclass, field
 
 from ..peft.allora import check_allora_config, check_eta, enable_allora
-from ..peft.dora import enable_fast_dora
+from ..peft.dora import apply_fast_dora, enable_fast_dora
 
 
 DORA_IMPLS = ("fused", "peft")
@@ -59,3 +59,10 @@ def adapter_peft_config(args: AdapterArguments, model, peft_config):
     if args.dora_impl == "fused" and getattr(peft_config, "use_dora", False):
         return enable_fast_dora(peft_config)
     return peft_config
+
+
+def apply_adapter_switches(args: AdapterArguments, model) -> None:
+    """After the trainer built its model: DoRA adapters that arrived already built (a ``PeftModel`` passed in, e.g.
+    from ``PeftModel.from_pretrained``) also get the fast path when ``dora_impl="fused"``."""
+    if args.dora_impl == "fused":
+        apply_fast_dora(model)

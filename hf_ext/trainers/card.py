@@ -14,7 +14,7 @@ from ..hub.card import Method, final_metrics, hub_id, render_model_card, trainin
 from ..hub.publish import require_hub_token
 from ..optim import OPTIMIZERS
 from ..papers import Paper
-from ..peft.dora import FastDoraLinear
+from ..peft.dora import FastDoraLinearVariant
 from .optim_args import parse_optim_args
 
 
@@ -73,16 +73,20 @@ class ModelCardMixin:
             )
         peft_config = self._peft_config()
         if peft_config is not None and peft_config.use_dora:
-            fast = any(isinstance(module, FastDoraLinear) for module in self.model.modules())
+            fast = any(
+                isinstance(variant, FastDoraLinearVariant)
+                for module in self.model.modules()
+                for variant in (getattr(module, "lora_variant", None) or {}).values()
+            )
             methods.append(
                 Method(
                     "DoRA, factored weight norm (hf_ext fast path)" if fast else "DoRA (PEFT's implementation)",
                     "dora",
                     (papers.DORA, papers.SCALING_DORA) if fast else (papers.DORA,),
-                    {"r": peft_config.r, "lora_alpha": peft_config.lora_alpha, "dora_impl": args.dora_impl},
+                    {"r": peft_config.r, "lora_alpha": peft_config.lora_alpha, "fast_path": fast},
                 )
             )
-        if args.use_allora:
+        if getattr(args, "use_allora", False):  # a plain TRL config has no hf_ext switch
             methods.append(
                 Method(
                     "ALLoRA",

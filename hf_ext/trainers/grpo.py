@@ -20,7 +20,7 @@ from .. import papers
 from ..hub.card import given_fields
 from ..hub.publish import require_hub_token
 from ..papers import Paper
-from .adapter_args import AdapterArguments, adapter_peft_config
+from .adapter_args import AdapterArguments, adapter_peft_config, apply_adapter_switches
 from .card import ModelCardMixin
 from .grpo_ba import BalancedAggregationMixin
 from .grpo_gtpo import GTPOMixin
@@ -278,10 +278,14 @@ class GRPOTrainer(
                 f"loss_type={args.loss_type!r} needs hf_ext.GRPOConfig, got {type(args).__module__}."
                 f"{type(args).__name__}: build the config with `from hf_ext import GRPOConfig`."
             )
-        kwargs["peft_config"] = adapter_peft_config(args, model, kwargs.get("peft_config"))
-        if args.use_allora:
-            self._tag_names = [*self._tag_names, "allora"]
+        hf_ext_args = isinstance(args, GRPOConfig)  # a plain trl.GRPOConfig runs TRL's loss types unchanged
+        if hf_ext_args:
+            kwargs["peft_config"] = adapter_peft_config(args, model, kwargs.get("peft_config"))
+            if args.use_allora:
+                self._tag_names = [*self._tag_names, "allora"]
         super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
+        if hf_ext_args:
+            apply_adapter_switches(args, self.model)
         self.reward_funcs = [
             func
             if isinstance(func, torch.nn.Module) or is_async_callable(func)

@@ -6,7 +6,7 @@ import trl
 
 from ..hub.card import given_fields
 from ..hub.publish import require_hub_token
-from .adapter_args import AdapterArguments, adapter_peft_config
+from .adapter_args import AdapterArguments, adapter_peft_config, apply_adapter_switches
 from .card import ModelCardMixin
 from .optim_args import OptimizerArguments, OptimizerMixin
 
@@ -50,3 +50,5 @@ class SFTTrainer(OptimizerMixin, ModelCardMixin, trl.SFTTrainer):
             if args.use_allora:
                 self._tag_names = [*self._tag_names, "allora"]
         super().__init__(model, args, *pos_args, **kwargs)
+        if isinstance(args, SFTConfig):
+            apply_adapter_switches(args, self.model)
