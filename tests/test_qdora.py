@@ -24,12 +24,20 @@ from hf_ext.peft.dora import FastDoraLinear4bit, FastDoraLinear8bitLt, FastDoraL
 from hf_ext.peft.quantized_rows import QuantizedRows
 
 
-def quantized_linear(kind, d_in, d_out, bias, dtype=torch.float32, quant_type="nf4", nested=True, seed=0):
+def quantized_linear(
+    kind, d_in, d_out, bias, dtype=torch.float32, quant_type="nf4", nested=True, seed=0, storage=torch.uint8
+):
     torch.manual_seed(seed)
     dense = nn.Linear(d_in, d_out, bias=bias)
     if kind == "4bit":
         layer = bnb.nn.Linear4bit(
-            d_in, d_out, bias=bias, compute_dtype=dtype, quant_type=quant_type, compress_statistics=nested
+            d_in,
+            d_out,
+            bias=bias,
+            compute_dtype=dtype,
+            quant_type=quant_type,
+            compress_statistics=nested,
+            quant_storage=storage,
         )
     else:
         layer = bnb.nn.Linear8bitLt(d_in, d_out, bias=bias, has_fp16_weights=False, threshold=0.0)
@@ -127,7 +135,9 @@ def test_8bit_outputs_and_gradients_match_peft_qdora(training, dropout):
 @pytest.mark.parametrize(
     ("kind", "d_in", "extra"),
     [("4bit", 128, dict(quant_type="nf4")), ("4bit", 96, dict(quant_type="fp4", nested=False)), ("4bit", 80, {})]
-    + [("4bit", 128, dict(dtype=torch.bfloat16)), ("8bit", 72, {})],
+    + [("4bit", 128, dict(dtype=torch.bfloat16)), ("8bit", 72, {})]
+    # 4-bit codes stored in bf16 / fp32 words (quant_storage, as FSDP-QLoRA sets it): rows are still byte offsets
+    + [("4bit", 128, dict(storage=torch.bfloat16)), ("4bit", 128, dict(storage=torch.float32))],
 )
 def test_quantized_rows_equal_peft_dequantization_in_any_chunking(kind, d_in, extra):
     """d_in 80 with blocksize 64 splits blocks across rows: rows then come from one whole dequantization."""

@@ -10,13 +10,15 @@ so no d_out x d_in temporary (PEFT's ``B A``) is ever formed. ``W`` is (d_out, d
 (d_out, r). Everything accumulates in fp32 whatever the input dtypes; ``n^2`` is clamped at 0 before the sqrt;
 the result is detached (DoRA treats n as a constant) and fp32, shape (d_out,).
 
-Algorithm, shared by both implementations: ``A`` is upcast once (a no-op for PEFT's default fp32 adapters) and
-``G`` formed once; output rows are processed in chunks sized so that what the call allocates in fp32 stays under
-``chunk_bytes``: the fixed part (G, the output, and A if it is upcast) plus per row U and B G, and the W and B rows
-if they are upcast (a fp32 W is used in place, so only a bf16/fp16 base pays for its rows). Per chunk, ``U = W_c
-A^T`` is a torch GEMM (fp32), ``||W_c||^2`` is taken from the same block unless the caller passes a cached
-``weight_sq`` (``weight_sq_norms``), and a chunk's temporaries are freed before the next chunk is upcast; the
-per-row combination ``||W||^2 + 2 s rowdot(B, U) + s^2 rowdot(B G, B)``, clamp and sqrt is done by
+Algorithm, shared by both implementations: ``A`` is upcast once (a no-op for PEFT's default fp32 adapters) and ``G``
+formed once; output rows are processed in chunks sized so that what the call allocates in fp32 stays under
+``chunk_bytes`` (with one exception: the rows always get at least half of it, so a fixed part near or above the
+budget, e.g. a bf16 A upcast at high rank, is exceeded by that half): the fixed part (G, the output, and A if it is
+upcast) plus per row U and B G, and the W and B rows if they are upcast (a fp32 W is used in place, so only a
+bf16/fp16 base pays for its rows). Per chunk, ``U = W_c A^T`` is a torch GEMM (fp32), ``||W_c||^2`` is taken from
+the same block unless the caller passes a cached ``weight_sq`` (``weight_sq_norms``), and a chunk's temporaries are
+freed before the next chunk is upcast; the per-row combination ``||W||^2 + 2 s rowdot(B, U) + s^2 rowdot(B G, B)``,
+clamp and sqrt is done by
 
 - ``combine_rows_torch``: the pure-torch twin;
 - ``combine_rows_triton``: a Triton kernel, one program per ``BLOCK_M`` rows, looping over rank blocks of
@@ -107,7 +109,8 @@ def factored_row_norm(
     ``shape``, ``dtype``, ``device``, ``is_cuda``, ``dim()`` and ``row_bytes`` (``hf_ext.peft.quantized_rows.
     QuantizedRows``: bitsandbytes weights dequantized chunk by chunk); ``lora_A``: (r, d_in), ``lora_B``: (d_out, r)
     (PEFT's ``lora_A.weight`` / ``lora_B.weight``); ``weight_sq``: an optional precomputed
-    ``weight_sq_norms(weight, fan_in_fan_out)``; ``chunk_bytes``: budget for what the call allocates in fp32.
+    ``weight_sq_norms(weight, fan_in_fan_out)``; ``chunk_bytes``: budget for what the call allocates in fp32 (the
+    rows get at least half of it whatever the fixed part takes).
     """
     combine = combine_rows_triton if use_triton(weight) else combine_rows_torch
     return _factored_row_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, weight_sq, chunk_bytes, combine)

@@ -102,5 +102,5 @@ class QuantizedRows:
             quant_type=self._state.quant_type,
             dtype=self.dtype,
         )
-        packed = data.reshape(-1)[start * d_in // 2 : stop * d_in // 2]
+        packed = data.view(torch.uint8).reshape(-1)[start * d_in // 2 : stop * d_in // 2]  # any quant_storage
         return bnbF.dequantize_4bit(packed, chunk_state).view(stop - start, d_in)
