@@ -11,7 +11,10 @@ weights copied into both models:
    allocation before the call. On CPU (Linux): each measurement in a fresh subprocess with
    ``MALLOC_MMAP_THRESHOLD_=131072`` and 2 threads; after a warm-up call VmHWM is reset (``/proc/self/clear_refs``)
    and the transient is VmHWM after one call minus VmRSS before it;
-3. max relative error of the fast layer's output against PEFT's (sanity check).
+3. max relative error of the fast layer's output against PEFT's (sanity check);
+4. a small model step (``--step_ranks``): a Qwen2 (hidden 1024, 2 layers) with DoRA on all seven linears, one
+   training step (forward, loss, backward, AdamW) on 4 x 128 tokens: median time, fast and PEFT interleaved, and
+   the step's peak memory above the allocation before it (CUDA) or its peak-RSS growth in a fresh process (CPU).
 
     python benchmarks/bench_dora.py                                  # CPU, d in (1024, 4096), r in (16, 64, 384)
     python benchmarks/bench_dora.py --device cuda --dims 1024 4096 8192 --repeats 20
@@ -37,6 +40,9 @@ from hf_ext.peft import enable_fast_dora
 TOKENS = 256
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MEM_FLAG = "--_mem-child"
+STEP_FLAG = "--_step-child"
+STEP_BATCH = (4, 128)  # sequences x tokens of the small-model step
+SMALL_MODEL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class OneLayer(nn.Module):
@@ -66,6 +72,78 @@ def build_pair(d: int, r: int, dtype: torch.dtype, device: str):
             getattr(peft_layer, name)["default"].weight.copy_(getattr(fast_layer, name)["default"].weight)
         peft_layer.lora_magnitude_vector["default"].weight.copy_(fast_layer.lora_magnitude_vector["default"].weight)
     return models
+
+
+def build_small_model(fast: bool, r: int, dtype: torch.dtype, device: str):
+    """A small Qwen2 (hidden 1024, 2 layers) with DoRA on all seven linear projections, and AdamW on the adapter."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=4096,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    )
+    model = Qwen2ForCausalLM(config).to(dtype)
+    lora = LoraConfig(
+        r=r, lora_alpha=2 * r, use_dora=True, target_modules=SMALL_MODEL_TARGETS, init_lora_weights=False
+    )
+    model = get_peft_model(model, enable_fast_dora(lora) if fast else lora).to(device)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def train_step(model, optimizer, batch) -> None:
+    model(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def step_batch(device: str) -> torch.Tensor:
+    return torch.randint(0, 4096, STEP_BATCH, generator=torch.Generator().manual_seed(2)).to(device)
+
+
+def time_model_step(r: int, dtype: torch.dtype, device: str, repeats: int) -> tuple[float, float]:
+    (fast, fast_opt), (ref, ref_opt) = (build_small_model(f, r, dtype, device) for f in (True, False))
+    batch = step_batch(device)
+    times = interleaved_medians_ms(
+        {"fast": lambda: train_step(fast, fast_opt, batch), "peft": lambda: train_step(ref, ref_opt, batch)},
+        device,
+        repeats,
+        warmup=2,
+    )
+    return times["fast"], times["peft"]
+
+
+def step_peak_child(method: str, r: int, dtype_name: str) -> None:
+    """Runs in a fresh process: prints the CPU peak-RSS growth of one training step (after a warm-up step)."""
+    torch.set_num_threads(2)
+    model, optimizer = build_small_model(method == "fast", r, DTYPES[dtype_name], "cpu")
+    batch = step_batch("cpu")
+    train_step(model, optimizer, batch)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = proc_kib("VmRSS")
+    train_step(model, optimizer, batch)
+    print(json.dumps({"transient": max(0, proc_kib("VmHWM") - before) * 1024}))
+
+
+def step_peak_cuda(method: str, r: int, dtype: torch.dtype) -> int:
+    model, optimizer = build_small_model(method == "fast", r, dtype, "cuda")
+    batch = step_batch("cuda")
+    train_step(model, optimizer, batch)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    train_step(model, optimizer, batch)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return peak
 
 
 def fwd_bwd(model, x, grad) -> torch.Tensor:
@@ -134,9 +212,10 @@ def mem_child(method: str, d: int, r: int, dtype_name: str) -> None:
     print(json.dumps({"transient": max(0, peak - before) * 1024}))
 
 
-def transient_cpu(method: str, d: int, r: int, dtype_name: str) -> int:
+def transient_cpu(flag: str, method: str, *args) -> int:
+    """The transient a child process measures (``MEM_FLAG``: one norm call; ``STEP_FLAG``: one model step)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    cmd = [sys.executable, os.path.abspath(__file__), MEM_FLAG, method, str(d), str(r), dtype_name]
+    cmd = [sys.executable, os.path.abspath(__file__), flag, method, *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])["transient"]
 
@@ -166,12 +245,17 @@ def main() -> None:
         method, d, r, dtype_name = sys.argv[2:6]
         mem_child(method, int(d), int(r), dtype_name)
         return
+    if len(sys.argv) > 1 and sys.argv[1] == STEP_FLAG:
+        method, r, dtype_name = sys.argv[2:5]
+        step_peak_child(method, int(r), dtype_name)
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dims", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64, 384])
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--step_ranks", type=int, nargs="*", default=[16, 64], help="ranks of the small-model step")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device available")
@@ -195,13 +279,35 @@ def main() -> None:
                 if args.device == "cuda":
                     m_fast, m_peft = (transient_cuda(m, d, r, dtype) for m in ("fast", "peft"))
                 else:
-                    m_fast, m_peft = (transient_cpu(m, d, r, dtype_name) for m in ("fast", "peft"))
+                    m_fast, m_peft = (transient_cpu(MEM_FLAG, m, d, r, dtype_name) for m in ("fast", "peft"))
                 pct = f"{100 * m_fast / m_peft:.1f}%" if m_peft > 0 else "n/a"
                 print(
                     f"| {d} | {r} | {dtype_name} | {t_fast:.2f} | {t_peft:.2f} | {t_peft / t_fast:.2f}x "
                     f"| {mib(m_fast)} | {mib(m_peft)} | {pct} | {rel_err:.2e} |",
                     flush=True,
                 )
+
+    if not args.step_ranks:
+        return
+    print()
+    print(f"Small model step (Qwen2, hidden 1024, 2 layers, DoRA on all linears, batch {STEP_BATCH}, AdamW):")
+    print()
+    print(
+        "| r | dtype | fast step ms | PEFT step ms | PEFT/fast | fast step peak MiB | PEFT step peak MiB | fast/PEFT |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in args.step_ranks:
+        for dtype_name in args.dtypes:
+            t_fast, t_peft = time_model_step(r, DTYPES[dtype_name], args.device, args.repeats)
+            if args.device == "cuda":
+                m_fast, m_peft = (step_peak_cuda(m, r, DTYPES[dtype_name]) for m in ("fast", "peft"))
+            else:
+                m_fast, m_peft = (transient_cpu(STEP_FLAG, m, r, dtype_name) for m in ("fast", "peft"))
+            print(
+                f"| {r} | {dtype_name} | {t_fast:.1f} | {t_peft:.1f} | {t_peft / t_fast:.2f}x | {mib(m_fast)} "
+                f"| {mib(m_peft)} | {100 * m_fast / max(m_peft, 1):.0f}% |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -227,9 +227,21 @@ def test_enable_fast_dora_leaves_the_given_config_untouched():
 def test_mismatched_adapter_dtype_is_a_clear_error():
     _, fast = peft_and_fast(lambda: small_mlp(True), dora_config(targets=["0", "2"]))
     layer = fast_layers(fast)[0]
-    layer.lora_magnitude_vector["default"].double()
+    layer.lora_B["default"].double()
     with pytest.raises(ValueError, match="Mismatched dtypes or devices between base and adapter"):
         fast(torch.randn(2, 16))
+
+
+def test_fp32_magnitude_beside_bf16_lora_matches_peft_dora():
+    """TRL casts the LoRA layers of a quantized model to bf16 and leaves the magnitude fp32: PEFT runs that mix."""
+    reference, fast = peft_and_fast(lambda: small_mlp(True), dora_config(targets=["0", "2"]))
+    for model in (reference, fast):
+        for name, module in model.named_modules():
+            if name.endswith(("lora_A.default", "lora_B.default")):
+                module.to(torch.bfloat16)
+    inputs = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(inputs), reference(inputs), atol=1e-2, rtol=1e-2)  # bf16 LoRA products
 
 
 # ---------------------------------------------------------------- the trainer switch (dora_impl)

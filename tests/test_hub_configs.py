@@ -57,6 +57,10 @@ def test_push_config_then_train_from_the_offline_cache(tmp_path, local_hub, monk
     log = (store / "requests.log").read_text()
     assert "POST /api/repos/create True" in log and "POST /api/models/me/recipes/commit/main True" in log
 
+    assert main(["push-config", str(RECIPES), "me/recipes", "--token", "hf_test", "--revision", "dev"]) == 0
+    log = (store / "requests.log").read_text()
+    assert "POST /api/models/me/recipes/branch/dev True" in log and "/commit/dev True" in log
+
     fetched = resolve_config("me/recipes:grpo_ba.yaml")  # online: downloaded into the cache
     assert "models--me--recipes/snapshots/" in fetched
 
@@ -106,4 +110,7 @@ def test_pushes_without_hub_access_are_refused_early(tmp_path, monkeypatch):
         SFTConfig(str(tmp_path), push_to_hub=True, use_cpu=True, bf16=False)
     require_hub_token("hf_explicit", "push")  # an explicit token is enough
     with pytest.raises(ValueError, match="holds no .yaml recipe"):
+        push_config(str(tmp_path), "me/recipes", token="hf_explicit")
+    (tmp_path / "leaky.yaml").write_text("learning_rate: 0.1\nmodel_init_kwargs:\n  token: hf_secret\n")
+    with pytest.raises(ValueError, match=r"leaky.yaml holds credentials \(model_init_kwargs.token\)"):
         push_config(str(tmp_path), "me/recipes", token="hf_explicit")

@@ -5,6 +5,7 @@ import re
 import shutil
 
 import pytest
+import torch
 import trl
 import yaml
 from huggingface_hub import ModelCard
@@ -191,3 +192,62 @@ def test_local_hub_rejects_a_local_base_model_path(local_hub, tmp_path):
     (tmp_path / "README.md").write_text("---\nbase_model: /data/models/qwen\nlibrary_name: peft\n---\n# card\n")
     with pytest.raises(ValueError, match='"base_model" must be a Hub model id'):
         HfApi(token="hf_test").upload_folder(repo_id="me/bad", folder_path=str(tmp_path))
+
+
+def test_python_api_recipe_is_partial_and_yaml_safe(tmp_path):
+    """A run set up in Python: the card says its recipe is partial; torch dtypes and regex targets stay readable;
+    no local path anywhere in the card or the recipe."""
+    args = SFTConfig(
+        str(tmp_path / "out"),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        max_steps=1,
+        save_strategy="no",
+        model_init_kwargs={"dtype": torch.float32},
+        hub_token="hf_secret",
+    )
+    peft_config = LoraConfig(r=2, target_modules=r".*\.(q|v)_proj")
+    trainer = SFTTrainer(
+        str(materialize_model()), args=args, train_dataset=count_sft_dataset(8, seed=0), peft_config=peft_config
+    )
+    trainer.save_model()
+    recipe_text = (tmp_path / "out" / "recipe.yaml").read_text()
+    recipe = yaml.safe_load(recipe_text)
+    assert recipe["model_init_kwargs"] == {"dtype": "float32"}
+    assert recipe["lora_target_modules"] == r".*\.(q|v)_proj"
+    assert "output_dir" not in recipe and "model_name_or_path" not in recipe  # the base is a local directory
+    card_text = (tmp_path / "out" / "README.md").read_text()
+    for text in (recipe_text, card_text):
+        assert str(tmp_path) not in text and str(materialize_model()) not in text and "hf_secret" not in text
+    assert "this is not a complete recipe" in card_text and "Run it again" not in card_text
+
+
+def test_create_model_card_takes_license_and_language_and_refuses_the_rest(dora_sft_run):
+    trainer, out = dora_sft_run
+    trainer.create_model_card(license="apache-2.0", language="en")
+    data = ModelCard.load(out / "README.md").data.to_dict()
+    assert data["license"] == "apache-2.0" and data["language"] == "en"
+    with pytest.raises(TypeError, match=r"unsupported arguments \['tasks'\]"):
+        trainer.create_model_card(tasks="text-generation")
+
+
+def test_qdora_card_says_how_the_base_was_loaded(tmp_path):
+    from transformers import BitsAndBytesConfig
+
+    from hf_ext.peft import FastDoraLinear4bit
+
+    base = AutoModelForCausalLM.from_pretrained(
+        materialize_model(), quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    )
+    args = SFTConfig(str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=1, save_strategy="no")
+    peft_config = LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj"])
+    trainer = SFTTrainer(base, args=args, train_dataset=count_sft_dataset(8, seed=0), peft_config=peft_config)
+    assert any(isinstance(module, FastDoraLinear4bit) for module in trainer.model.modules())
+    trainer.train()
+    trainer.save_model()
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "loaded with bitsandbytes 4-bit (nf4)" in card.text
+    assert "DoRA, factored weight norm (hf_ext fast path)" in card.text
+    recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    assert recipe["load_in_4bit"] is True and recipe["bnb_4bit_quant_type"] == "nf4"

@@ -15,18 +15,36 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from importlib.resources import files
 
+import torch
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..papers import Paper
+from .configs import REPO_NAME
 
 
 TEMPLATE = "hf_ext_model_card.md"
 FRAMEWORKS = ("hf-ext", "trl", "transformers", "peft", "torch", "accelerate", "datasets", "bitsandbytes")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_REPO_ID = re.compile(rf"^{REPO_NAME}(/{REPO_NAME})?$")
 _HUB_CACHE_DIR = re.compile(r"(?:^|/)(models|datasets)--([^/]+?)--([^/]+)/snapshots/")
-# Never written into a recipe.
-_PRIVATE_FIELDS = {"hub_token", "push_to_hub_token"}
+# Never written into a recipe: where this run wrote, resumed and pushed (another run must not reuse them).
+RUN_LOCAL_FIELDS = {
+    "output_dir",
+    "logging_dir",
+    "resume_from_checkpoint",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_strategy",
+    "hub_private_repo",
+    "hub_revision",
+    "hub_always_push",
+}
+# Keys whose values are credentials (not tokenizer tokens such as eos_token).
+SECRET_KEY = re.compile(
+    r"^(token|.*(hub|access|auth|bearer|api)_token|.*api_?key|.*secret.*|.*passw(or)?d.*|.*credentials?)$",
+    re.IGNORECASE,
+)
+_URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")
 
 
 @dataclass
@@ -56,16 +74,24 @@ def hub_id(name_or_path: str | None, repo_type: str = "models") -> str | None:
 
 
 def _plain(value):
-    """A YAML-safe copy of a config value (enums by value, dataclasses and tuples as dicts and lists)."""
+    """A YAML-safe copy of a config value: enums by value, dtypes by name ("bfloat16"), dataclasses, tuples and sets
+    as dicts and lists, credentials in URLs and keys that look secret dropped, anything else as its ``str``."""
     if isinstance(value, enum.Enum):
-        return value.value
+        return _plain(value.value)
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _plain(dataclasses.asdict(value))
     if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
+        return {str(key): _plain(item) for key, item in value.items() if not SECRET_KEY.search(str(key))}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_plain(item) for item in value]
+        return sorted(items, key=str) if isinstance(value, (set, frozenset)) else items
+    if isinstance(value, str):
+        return _URL_CREDENTIALS.sub(r"\1", value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return str(value)
 
 
 def _default(f: dataclasses.Field):
@@ -77,12 +103,12 @@ def _default(f: dataclasses.Field):
 
 
 def given_fields(config) -> dict:
-    """The init fields of dataclass instance ``config`` that differ from their defaults, YAML-ready, secrets left
-    out. hf_ext's training configs take this snapshot first thing in ``__post_init__`` (as ``given_fields``), before
-    Transformers derives other fields from them."""
+    """The init fields of dataclass instance ``config`` that differ from their defaults, YAML-ready, without
+    secrets (keys like ``*token*``, URL credentials) or ``RUN_LOCAL_FIELDS``. hf_ext's training configs take this
+    snapshot first thing in ``__post_init__`` (as ``given_fields``), before Transformers derives other fields."""
     given = {}
     for f in dataclasses.fields(config):
-        if f.init and f.name not in _PRIVATE_FIELDS:
+        if f.init and f.name not in RUN_LOCAL_FIELDS and not SECRET_KEY.search(f.name):
             value, default = _plain(getattr(config, f.name)), _plain(_default(f))
             if value != default and not (value is None and not default):  # parsers turn an empty default into None
                 given[f.name] = value
@@ -134,8 +160,14 @@ def render_model_card(
     tags: list[str],
     dataset: str | None = None,
     hub_model_id: str | None = None,
+    recipe_complete: bool = True,
+    base_quantization: str | None = None,
+    license: str | None = None,
+    language: str | list[str] | None = None,
 ) -> ModelCard:
-    """The card of one run. ``base_model`` and ``dataset`` must be Hub ids (see ``hub_id``) or None."""
+    """The card of one run. ``base_model`` and ``dataset`` must be Hub ids (see ``hub_id``) or None;
+    ``recipe_complete``: the recipe re-runs the job (the scripts' full recipe), not just its training arguments;
+    ``base_quantization``: how the base model was loaded, e.g. "bitsandbytes 4-bit (nf4)"."""
     base_tags = ["hf_ext", *tags, *(method.tag for method in methods)]
     if is_adapter:
         base_tags += ["lora"] + ([f"base_model:adapter:{base_model}"] if base_model else [])
@@ -143,6 +175,8 @@ def render_model_card(
         base_model=base_model,
         base_model_relation="adapter" if is_adapter and base_model else None,
         datasets=[dataset] if dataset else None,
+        language=language,
+        license=license,
         library_name="peft" if is_adapter else "transformers",
         model_name=model_name,
         pipeline_tag="text-generation",
@@ -162,6 +196,8 @@ def render_model_card(
         trainer_name=trainer_name,
         methods=methods,
         recipe_yaml=yaml.safe_dump(recipe, sort_keys=False).rstrip(),
+        recipe_complete=recipe_complete,
+        base_quantization=base_quantization,
         metrics={key: _format_metric(value) for key, value in metrics.items()},
         versions=_versions(),
         citations=list(dict.fromkeys(paper.citation for paper in papers)),

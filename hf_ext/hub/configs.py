@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    GatedRepoError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -27,7 +28,8 @@ from huggingface_hub.errors import (
 
 DEFAULT_RECIPE = "recipe.yaml"
 REPO_TYPES = {"datasets": "dataset", "spaces": "space"}
-_REPO = r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^:/]+))?"
+REPO_NAME = r"[A-Za-z0-9][\w.-]*"  # one part of a Hub repo id (owner or name)
+_REPO = rf"(?P<repo>{REPO_NAME}/{REPO_NAME})(?:@(?P<revision>[^:/]+))?"
 _COLON_FORM = re.compile(rf"^{_REPO}(?::(?P<path>.+))?$")
 _URI_FORM = re.compile(rf"^hf://(?:(?P<kind>datasets|spaces)/)?{_REPO}/(?P<path>.+)$")
 
@@ -79,6 +81,11 @@ def resolve_config(reference: str) -> str:
             f"--config {reference!r}: {hub_file.filename} of the {hub_file.repo_type} repo {hub_file.repo_id} is not "
             f"in the local Hub cache ({constants.HF_HUB_CACHE}) and {where}. Download it once with network access "
             f"(`{hub_file.command()}`), or pass a local path."
+        ) from None
+    except GatedRepoError:
+        raise FileNotFoundError(
+            f"--config {reference!r}: the {hub_file.repo_type} repo {hub_file.repo_id} is gated: accept its terms on "
+            f"https://huggingface.co/{hub_file.repo_id} and log in (`hf auth login`)."
         ) from None
     except RevisionNotFoundError:
         raise FileNotFoundError(

@@ -6,6 +6,8 @@ import os
 import yaml
 from huggingface_hub import HfApi, constants, get_token
 
+from .card import SECRET_KEY
+
 
 RECIPE_PATTERNS = ["*.yaml", "*.yml", "*.md"]
 
@@ -25,8 +27,17 @@ def require_hub_token(token: str | None, action: str) -> None:
         )
 
 
+def _secret_keys(value, path: str = "") -> list[str]:
+    if isinstance(value, dict):
+        found = [f"{path}{key}" for key in value if SECRET_KEY.search(str(key))]
+        return found + [k for key, item in value.items() for k in _secret_keys(item, f"{path}{key}.")]
+    if isinstance(value, list):
+        return [k for item in value for k in _secret_keys(item, path)]
+    return []
+
+
 def _check_recipes(folder: str) -> list[str]:
-    """The YAML files of ``folder`` (recursively); each must hold a mapping."""
+    """The YAML files of ``folder`` (recursively); each must hold a mapping, with no credential in it."""
     if not os.path.isdir(folder):
         raise NotADirectoryError(f"push-config: {folder!r} is not a directory of recipes.")
     recipes = []
@@ -35,8 +46,14 @@ def _check_recipes(folder: str) -> list[str]:
             if name.endswith((".yaml", ".yml")):
                 path = os.path.join(root, name)
                 with open(path) as file:
-                    if not isinstance(yaml.safe_load(file), dict):
-                        raise ValueError(f"push-config: {path} is not a YAML mapping of config fields.")
+                    recipe = yaml.safe_load(file)
+                if not isinstance(recipe, dict):
+                    raise ValueError(f"push-config: {path} is not a YAML mapping of config fields.")
+                if _secret_keys(recipe):
+                    raise ValueError(
+                        f"push-config: {path} holds credentials ({', '.join(_secret_keys(recipe))}); remove them "
+                        "before publishing (tokens belong in HF_TOKEN or `hf auth login`, not in a recipe)."
+                    )
                 recipes.append(os.path.relpath(path, folder))
     if not recipes:
         raise ValueError(f"push-config: {folder!r} holds no .yaml recipe.")
@@ -60,6 +77,8 @@ def push_config(
     require_hub_token(token, "push-config")
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    if revision is not None:  # a new branch is created from main
+        api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
     return api.upload_folder(
         repo_id=repo_id,
         folder_path=folder,

@@ -75,10 +75,12 @@ def clear_weight_sq_cache(module: nn.Module) -> None:
 
 
 def _check_same_dtype_and_device(module: LoraLinear, adapter: str, weight, x: torch.Tensor) -> None:
-    """The base weight, A, B, the magnitude and the LoRA input on one device; A, B, magnitude and input in one dtype.
+    """What the fast path needs, checked up front for a clear error: the base weight, A, B, the magnitude and the
+    input on one device; A and B in one dtype; the input in that dtype too unless autocast is on (PEFT casts it).
 
-    A base weight in another floating dtype than the adapter is allowed: it is PEFT's default with a bf16/fp16 base
-    (``autocast_adapter_dtype=True`` keeps adapters in fp32), and the norm is taken in fp32 either way.
+    Other dtypes may differ, as PEFT allows: a bf16/fp16 or quantized base with fp32 adapters
+    (``autocast_adapter_dtype=True``), or an fp32 magnitude beside bf16 A and B (TRL casts LoRA layers of a
+    quantized model to bf16); the norm is fp32 and the compose works in the promoted dtype.
     """
     tensors = {
         "base weight": weight,
@@ -87,15 +89,17 @@ def _check_same_dtype_and_device(module: LoraLinear, adapter: str, weight, x: to
         f"lora_magnitude_vector[{adapter!r}]": module.lora_magnitude_vector[adapter].weight,
         "input": x,
     }
-    devices = {name: t.device for name, t in tensors.items()}
-    adapter_dtypes = {name: t.dtype for name, t in tensors.items() if name != "base weight"}
-    if len(set(devices.values())) > 1 or len(set(adapter_dtypes.values())) > 1 or not weight.dtype.is_floating_point:
+    lora_dtype = tensors[f"lora_A[{adapter!r}]"].dtype
+    same_device = len({t.device for t in tensors.values()}) == 1
+    same_lora_dtype = tensors[f"lora_B[{adapter!r}]"].dtype == lora_dtype
+    input_ok = x.dtype == lora_dtype or torch.is_autocast_enabled(x.device.type)
+    if not (same_device and same_lora_dtype and input_ok and weight.dtype.is_floating_point):
         found = ", ".join(f"{name}: {t.dtype} on {t.device}" for name, t in tensors.items())
         raise ValueError(
-            "Mismatched dtypes or devices between base and adapter in fast DoRA: all must be on one device, the "
-            f"adapter (A, B, magnitude) and its input in one dtype, and the base weight floating point; got {found}. "
-            "Move the model with model.to(device) and cast the adapter with model.to(dtype) or leave PEFT's "
-            "autocast_adapter_dtype at its default."
+            "Mismatched dtypes or devices between base and adapter in fast DoRA: all must be on one device, lora_A "
+            f"and lora_B in one dtype, the input in that dtype (or autocast on), the base weight floating point; got "
+            f"{found}. Move the model with model.to(device) and cast the adapter with model.to(dtype) or leave "
+            "PEFT's autocast_adapter_dtype at its default."
         )
 
 
@@ -224,7 +228,9 @@ def _dispatch_fast_dora(target: nn.Module, adapter_name: str, config: LoraConfig
 
 
 def _fast_path_supports(base: nn.Module) -> bool:
-    return type(base) is nn.Linear or isinstance(base, Conv1D) or is_quantized_bnb(base)
+    """The base layers ``FastDoraLinearVariant`` runs on (the factory builds their layers, ``apply_fast_dora``
+    switches existing ones): exact ``nn.Linear``, ``Conv1D`` and bitsandbytes' 4/8-bit linears."""
+    return type(base) is nn.Linear or isinstance(base, (Conv1D, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
 def apply_fast_dora(model: nn.Module) -> int:

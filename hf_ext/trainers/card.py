@@ -44,16 +44,43 @@ class ModelCardMixin:
         return name or getattr(self.model.config, "_name_or_path", None)
 
     def _recipe(self) -> dict:
+        """The scripts' full recipe, or else the training arguments with the model's Hub id and adapter fields."""
         if self.hf_ext_recipe is not None:
             return self.hf_ext_recipe
-        recipe = {"model_name_or_path": hub_id(self._base_model_name()) or self._base_model_name()}
+        model_id = hub_id(self._base_model_name())
+        recipe = {"model_name_or_path": model_id} if model_id else {}  # never a local path
         peft_config = self._peft_config()
         if peft_config is not None:
             recipe["use_peft"] = True
             recipe.update({name: getattr(peft_config, key) for key, name in _ADAPTER_FIELDS.items()})
-            recipe["lora_target_modules"] = sorted(peft_config.target_modules or [])
+            targets = peft_config.target_modules
+            recipe["lora_target_modules"] = targets if isinstance(targets, str) else sorted(targets or [])
             recipe["use_dora"] = bool(peft_config.use_dora)
+            recipe["use_rslora"] = bool(peft_config.use_rslora)
+            if peft_config.modules_to_save:
+                recipe["lora_modules_to_save"] = sorted(peft_config.modules_to_save)
+        recipe.update(self._base_quantization_fields())
         return {**recipe, **training_recipe(self.args)}
+
+    def _base_quantization_fields(self) -> dict:
+        """TRL ``ModelConfig`` fields of a bitsandbytes-quantized base (``load_in_4bit``, ...), else nothing."""
+        quantization = getattr(self.model.config, "quantization_config", None)
+        if quantization is None or getattr(quantization, "quant_method", None) != "bitsandbytes":
+            return {}
+        if quantization.load_in_4bit:
+            nested = bool(quantization.bnb_4bit_use_double_quant)
+            return {
+                "load_in_4bit": True,
+                "bnb_4bit_quant_type": quantization.bnb_4bit_quant_type,
+                "use_bnb_nested_quant": nested,
+            }
+        return {"load_in_8bit": True} if quantization.load_in_8bit else {}
+
+    def _base_quantization(self) -> str | None:
+        fields = self._base_quantization_fields()
+        if "load_in_4bit" in fields:
+            return f"bitsandbytes 4-bit ({fields['bnb_4bit_quant_type']})"
+        return "bitsandbytes 8-bit" if fields else None
 
     def _hf_ext_methods(self) -> list[Method]:
         from .grpo import HF_EXT_LOSS_TYPES  # grpo.py imports this module
@@ -108,7 +135,13 @@ class ModelCardMixin:
         return methods
 
     def write_model_card(
-        self, output_dir: str, model_name: str | None = None, dataset_name: str | None = None, tags=None
+        self,
+        output_dir: str,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags=None,
+        license: str | None = None,
+        language: str | list[str] | None = None,
     ) -> None:
         """Write ``README.md`` and ``recipe.yaml`` for this run into ``output_dir``."""
         recipe = self._recipe()
@@ -125,15 +158,35 @@ class ModelCardMixin:
             tags=[*self._tag_names, *([tags] if isinstance(tags, str) else tags or [])],
             dataset=hub_id(dataset_name, repo_type="datasets"),
             hub_model_id=self.hub_model_id,
+            recipe_complete=self.hf_ext_recipe is not None,
+            base_quantization=self._base_quantization(),
+            license=license,
+            language=language,
         )
+        recipe_text = yaml.safe_dump(recipe, sort_keys=False)  # before opening the file: no half-written recipe
         os.makedirs(output_dir, exist_ok=True)
         card.save(os.path.join(output_dir, "README.md"))
         with open(os.path.join(output_dir, RECIPE_FILE), "w") as file:
-            yaml.safe_dump(recipe, file, sort_keys=False)
+            file.write(recipe_text)
 
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags=None,
+        license: str | None = None,
+        language: str | list[str] | None = None,
+        **unsupported,
+    ):
+        """TRL's and Transformers' hook (each checkpoint, ``push_to_hub(**kwargs)``); the base model is read from the
+        model itself."""
+        if unsupported:
+            raise TypeError(
+                f"create_model_card() got unsupported arguments {sorted(unsupported)}; hf_ext's card takes "
+                "model_name, dataset_name, tags, license and language."
+            )
         if self.is_world_process_zero():
-            self.write_model_card(self.args.output_dir, model_name, dataset_name, tags)
+            self.write_model_card(self.args.output_dir, model_name, dataset_name, tags, license, language)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)

@@ -25,7 +25,7 @@ PORT_FILE, STORE = Path(sys.argv[1]), Path(sys.argv[2])
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 RESOLVE_PATH = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-REPO_PATH = re.compile(r"^/api/(models|datasets|spaces)/([^/]+/[^/]+)/(preupload|commit)/([^/?]+)")
+REPO_PATH = re.compile(r"^/api/(models|datasets|spaces)/([^/]+/[^/]+)/(preupload|commit|branch)/([^/?]+)")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -56,6 +56,8 @@ class Handler(BaseHTTPRequestHandler):
             errors = [{"message": f'"base_model" must be a Hub model id, got "{base}"'} for base in bad]
             return self._reply(400 if errors else 200, {"errors": errors, "warnings": []})
         match = REPO_PATH.match(self.path)
+        if match and match[3] == "branch":
+            return self._reply(200, {})
         if match and match[3] == "preupload":
             files = json.loads(body)["files"]
             modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
