@@ -290,8 +290,17 @@ def test_apply_fast_dora_reaches_a_dora_adapter_added_to_a_lora_layer():
     """PEFT reuses an existing LoRA layer for a new adapter, so the factory never sees it."""
     model = get_peft_model(small_mlp(True), LoraConfig(target_modules=["0"]))
     model.add_adapter("dora", enable_fast_dora(dora_config(targets=["0"])))
+    model.set_adapter("dora")
+    inputs = torch.randn(5, 16)
+    out, input_grad, grads = run_with_grads(model, inputs)  # PEFT's DoRA
     assert fast_variants(model) == 0
     assert apply_fast_dora(model) == 1
+    fast_out, fast_input_grad, fast_grads = run_with_grads(model, inputs)
+    torch.testing.assert_close(fast_out, out, atol=FORWARD_ATOL, rtol=0)
+    torch.testing.assert_close(fast_input_grad, input_grad, atol=GRAD_ATOL * input_grad.abs().max(), rtol=0)
+    assert any("dora" in name for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=GRAD_ATOL * grad.abs().max(), rtol=0, msg=name)
 
 
 def test_peft_dora_caching_holds_the_fast_norm_in_eval_only():
