@@ -165,8 +165,8 @@ def _chunk_norm(w_rows, a, b_rows, gram, wsq, scaling, combine):
 
 def combine_rows_torch(u, b, gram, wsq, scaling: float) -> torch.Tensor:
     """Twin of the kernel: ``sqrt(max(wsq + 2 s rowdot(b, u) + s^2 rowdot(b G, b), 0))``, all fp32."""
-    cross = torch.einsum("ij,ij->i", b, u)  # row dots without a product temporary
-    gram_term = torch.einsum("ij,ij->i", b @ gram, b)
+    cross = torch.linalg.vecdot(b, u)  # rows x rank temporaries only; einsum's batched matmuls are ~2-3x slower
+    gram_term = torch.linalg.vecdot(b @ gram, b)
     return torch.sqrt((wsq + (2.0 * scaling) * cross + (scaling * scaling) * gram_term).clamp_min(0.0))
 
 
