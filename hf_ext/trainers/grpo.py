@@ -17,15 +17,14 @@ import trl
 from trl.trainer.grpo_trainer import is_async_callable
 
 from .. import papers
-from ..hub.card import given_fields
-from ..hub.publish import require_hub_token
 from ..papers import Paper
-from .adapter_args import AdapterArguments, adapter_peft_config, apply_adapter_switches
+from .adapter_args import adapter_peft_config, apply_adapter_switches
+from .arguments import HfExtArguments
 from .card import ModelCardMixin
 from .grpo_ba import BalancedAggregationMixin
 from .grpo_gtpo import GTPOMixin
 from .grpo_real import REAL_VARIANTS, RewardsAsLabelsMixin
-from .optim_args import OptimizerArguments, OptimizerMixin
+from .optim_args import OptimizerMixin
 
 
 TRL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16
@@ -56,7 +55,7 @@ def _check(condition: bool, message: str) -> None:
 
 
 @dataclass
-class GRPOConfig(AdapterArguments, OptimizerArguments, trl.GRPOConfig):
+class GRPOConfig(HfExtArguments, trl.GRPOConfig):
     r"""
     TRL's [`trl.GRPOConfig`] with hf_ext's loss types. Every TRL field keeps its meaning and default.
 
@@ -148,9 +147,6 @@ class GRPOConfig(AdapterArguments, OptimizerArguments, trl.GRPOConfig):
     )
 
     def __post_init__(self):
-        self.given_fields = given_fields(self)
-        if self.push_to_hub:
-            require_hub_token(self.hub_token, "push_to_hub=True")
         allowed = (*TRL_LOSS_TYPES, *HF_EXT_LOSS_TYPES)
         _check(
             self.loss_type in allowed,
@@ -164,10 +160,7 @@ class GRPOConfig(AdapterArguments, OptimizerArguments, trl.GRPOConfig):
                     f"loss_type={self.loss_type!r} compares completions within a "
                     f"group: {name} must be >= 2, got {value}.",
                 )
-        self._check_adapter_arguments()
-        optim = self._hand_over_optim()
-        super().__post_init__()
-        self._take_back_optim(optim)
+        super().__post_init__()  # HfExtArguments', then TRL's
         for name in ("ba_sign_tolerance", "real_sign_tolerance", "gtpo_sign_tolerance"):
             value = getattr(self, name)
             _check(0 <= value < math.inf, f"{name} must be a finite number >= 0, got {value}.")

@@ -4,15 +4,14 @@ from dataclasses import dataclass
 
 import trl
 
-from ..hub.card import given_fields
-from ..hub.publish import require_hub_token
-from .adapter_args import AdapterArguments, adapter_peft_config, apply_adapter_switches
+from .adapter_args import adapter_peft_config, apply_adapter_switches
+from .arguments import HfExtArguments
 from .card import ModelCardMixin
-from .optim_args import OptimizerArguments, OptimizerMixin
+from .optim_args import OptimizerMixin
 
 
 @dataclass
-class SFTConfig(AdapterArguments, OptimizerArguments, trl.SFTConfig):
+class SFTConfig(HfExtArguments, trl.SFTConfig):
     r"""
     TRL's [`trl.SFTConfig`] plus hf_ext's switches. Every TRL field keeps its meaning and default.
 
@@ -28,15 +27,6 @@ class SFTConfig(AdapterArguments, OptimizerArguments, trl.SFTConfig):
             Any Transformers optimizer, or `"hf_ext_adamw_4bit"` / `"hf_ext_adamw_4bit_factor"` (4-bit AdamW states,
             arXiv 2309.01507) with `optim_args` keys `block_size`, `min_quantized_numel`, `nonfinite_grads`.
     """
-
-    def __post_init__(self):
-        self.given_fields = given_fields(self)
-        if self.push_to_hub:
-            require_hub_token(self.hub_token, "push_to_hub=True")
-        self._check_adapter_arguments()
-        optim = self._hand_over_optim()
-        super().__post_init__()
-        self._take_back_optim(optim)
 
 
 class SFTTrainer(OptimizerMixin, ModelCardMixin, trl.SFTTrainer):
