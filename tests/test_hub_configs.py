@@ -3,12 +3,11 @@ against a local stand-in for the Hub (tests/scripts/local_hub.py); offline resol
 and the errors for an unknown field, an unresolvable reference and a push without a token."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from huggingface_hub import constants
+from test_grpo_run import hf_ext_command
 
 from hf_ext import GRPOConfig, SFTConfig
 from hf_ext.cli import main
@@ -20,11 +19,6 @@ from hf_ext.scripts.common import parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "examples" / "configs"
-
-
-def hf_ext(*args: str, env: dict) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", "from hf_ext.cli import main; raise SystemExit(main())", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +68,7 @@ def test_push_config_then_train_from_the_offline_cache(tmp_path, local_hub, monk
     offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": constants.HF_HUB_CACHE}
     offline["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: the recipe must come from the cache
     out = tmp_path / "out"
-    trained = hf_ext(
+    trained = hf_ext_command(
         "grpo", "--config", "me/recipes:grpo_ba.yaml", "--max_steps", "1", "--output_dir", str(out), env=offline
     )
     assert trained.returncode == 0, trained.stderr[-3000:]

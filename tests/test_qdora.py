@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.variants import DoraLinearVariant
 from peft.utils.integrations import dequantize_module_weight
-from test_fast_dora import FORWARD_ATOL, assert_close_grad, run_with_grads
+from test_fast_dora import FORWARD_ATOL, assert_close_grad, assert_same_outputs_and_grads, run_with_grads
 from torch import nn
 
 from hf_ext.kernels import dora_norm
@@ -77,16 +77,6 @@ def peft_and_fast(kind, dropout=0.0, **kwargs):
     return reference, fast
 
 
-def assert_matches(reference, fast, x):
-    ref_out, ref_dx, ref_grads = run_with_grads(reference, x)
-    out, dx, grads = run_with_grads(fast, x)
-    torch.testing.assert_close(out, ref_out, atol=FORWARD_ATOL, rtol=0)
-    assert_close_grad(dx, ref_dx, "input")
-    assert grads.keys() == ref_grads.keys() and any("lora_magnitude_vector" in n for n in grads)
-    for name, grad in grads.items():
-        assert_close_grad(grad, ref_grads[name], name)
-
-
 @pytest.mark.parametrize(
     "quant", [dict(quant_type="nf4", nested=True), dict(quant_type="fp4", nested=False)], ids=["nf4_nested", "fp4"]
 )
@@ -99,7 +89,7 @@ def test_4bit_outputs_and_gradients_match_peft_qdora(quant, dropout):
     for training in (True, False):
         reference.train(training)
         fast.train(training)
-        assert_matches(reference, fast, x)
+        assert_same_outputs_and_grads(reference, fast, x)
 
 
 def test_4bit_bf16_storage_matches_peft_qdora():
@@ -124,12 +114,12 @@ def test_8bit_outputs_and_gradients_match_peft_qdora(training, dropout):
     reference.train(training)
     fast.train(training)
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(9))
-    assert_matches(reference, fast, x)  # PEFT's first forward: the one that works on CPU
+    assert_same_outputs_and_grads(reference, fast, x)  # PEFT's first forward: the one that works on CPU
     for _ in range(2):  # the fast path keeps working and gives the same values
         fast.train(not fast.training)
         run_with_grads(fast, x)
     fast.train(training)
-    assert_matches(peft_and_fast("8bit", dropout)[0].train(training), fast, x)
+    assert_same_outputs_and_grads(peft_and_fast("8bit", dropout)[0].train(training), fast, x)
 
 
 @pytest.mark.parametrize(
@@ -170,7 +160,7 @@ def test_no_dropout_path_never_dequantizes_the_whole_weight(monkeypatch):
         raise AssertionError("whole-weight dequantization on the no-dropout path")
 
     monkeypatch.setattr(QuantizedRows, "dense", refuse)
-    assert_matches(reference, fast.train(), torch.randn(2, 64))
+    assert_same_outputs_and_grads(reference, fast.train(), torch.randn(2, 64))
 
 
 def test_weight_sq_cache_follows_the_quantized_storage():
