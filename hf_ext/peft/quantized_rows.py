@@ -15,6 +15,8 @@ of the quantized storage):
 ``||W||^2`` can be cached across steps and is recomputed when the layer is re-quantized or merged.
 """
 
+import functools
+
 import bitsandbytes.functional as bnbF
 import torch
 from peft.utils.integrations import get_bnb_param_type
@@ -54,11 +56,17 @@ class QuantizedRows:
             self.dtype = state.dtype
             self._state = state
             self._stats = (state.absmax,)
-            absmax = state.absmax
-            if state.nested:
-                absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
-            self._absmax = absmax.float()
         self._weight = weight
+
+    @functools.cached_property
+    def _absmax(self) -> torch.Tensor:
+        """The 4-bit blocks' fp32 scales (nested statistics dequantized), computed only when rows are read: a
+        forward that finds its norm cached (PEFT's ``DoraCaching``) never pays for it."""
+        state = self._state
+        absmax = state.absmax
+        if state.nested:
+            absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        return absmax.float()
 
     def dim(self) -> int:
         return 2
