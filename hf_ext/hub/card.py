@@ -65,12 +65,10 @@ def hub_id(name_or_path: str | None, repo_type: str = "models") -> str | None:
     """
     if not name_or_path:
         return None
-    cached = _HUB_CACHE_DIR.search(os.path.abspath(name_or_path)) if os.path.exists(name_or_path) else None
-    if cached:
-        return f"{cached[2]}/{cached[3]}" if cached[1] == repo_type else None
-    if os.path.exists(name_or_path) or not _REPO_ID.match(name_or_path):
-        return None
-    return name_or_path
+    if os.path.exists(name_or_path):
+        cached = _HUB_CACHE_DIR.search(os.path.abspath(name_or_path))
+        return f"{cached[2]}/{cached[3]}" if cached and cached[1] == repo_type else None
+    return name_or_path if _REPO_ID.match(name_or_path) else None
 
 
 def _plain(value):
