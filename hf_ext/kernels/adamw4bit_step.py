@@ -10,8 +10,9 @@ For each element, with m and v dequantized from their 4-bit codes (``hf_ext.opti
 then m is requantized with block-wise absmax (signed DE map) and v with either block-wise absmax or rank-1
 scales (linear map without zero). Each operation is a separately rounded fp32 op (no fused multiply-add) so the
 two implementations below agree bit for bit where both round IEEE (CPU twin, Triton interpreter); division and
-sqrt are correctly rounded (``div_rn``/``sqrt_rn``; the CPU twin takes sqrt in fp64, as torch's vectorised fp32
-sqrt can be 1 ulp off), which also keeps CPU results independent of the CPU's vector extensions:
+sqrt are correctly rounded (``div_rn``/``sqrt_rn``; the CPU twin takes sqrt via fp64, ``_sqrt_rn``), which keeps
+CPU results independent of the CPU's vendor and vector extensions. ``next_m``, ``next_v`` and ``stepped_param``
+are these element-wise ops; the optimizer's fp32-state and factored paths call them too.
 
 - ``adamw4bit_step_torch``: the pure-torch twin; works on (num_blocks, block_size) tiles exactly as the kernel does;
 - ``adamw4bit_step_triton``: a Triton kernel, one program per ``BLOCKS_PER_PROGRAM`` quantization blocks, that
@@ -75,16 +76,25 @@ def adamw4bit_step(
     v_rank1: bool,
 ) -> None:
     """In place: update ``param`` and requantize m, v. ``v_scales`` = [absmax] (block) or rank-1 statistics."""
-    if use_triton(param) and param.is_contiguous() and (not v_rank1 or len(v_scales) == 2):
+    if use_triton(param, "adamw4bit_step") and param.is_contiguous() and (not v_rank1 or len(v_scales) == 2):
         adamw4bit_step_triton(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1)
     else:
         adamw4bit_step_torch(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1)
 
 
-def _next_moments(m, v, grad, s: StepScalars):
-    m = m + s.one_minus_beta1 * (grad - m)
-    v = v * s.beta2 + (s.one_minus_beta2 * grad) * grad
-    return m, v
+def next_m(m: torch.Tensor, grad: torch.Tensor, s: StepScalars) -> torch.Tensor:
+    """m + (1 - beta1) * (g - m), three separately rounded fp32 ops."""
+    return m + s.one_minus_beta1 * (grad - m)
+
+
+def next_v(v: torch.Tensor, grad: torch.Tensor, s: StepScalars) -> torch.Tensor:
+    """v * beta2 + ((1 - beta2) * g) * g, four separately rounded fp32 ops."""
+    return v * s.beta2 + (s.one_minus_beta2 * grad) * grad
+
+
+def stepped_param(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: StepScalars) -> torch.Tensor:
+    """p * decay + (neg_step_size * m) / (sqrt_rn(v) / sqrt(1 - beta2^t) + eps) in fp32, from the new m and v."""
+    return p * s.decay + (s.neg_step_size * m) / (_sqrt_rn(v) / s.bias_correction2_sqrt + s.eps)
 
 
 def _dequantize_v(v_codes, v_scales, numel, block_size, v_rank1):
@@ -98,18 +108,21 @@ def _dequantize_v(v_codes, v_scales, numel, block_size, v_rank1):
 
 
 def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded fp32 sqrt, as the kernel's sqrt_rn (torch's vectorised CPU sqrt can be 1 ulp off)."""
+    """Correctly rounded fp32 sqrt, as the kernel's sqrt_rn.
+
+    torch's fp32 CPU sqrt (MKL's) is not correctly rounded on every CPU. Via fp64 it is, even where the fp64 sqrt is
+    only faithful (< 1 ulp off): with fp32 x scaled by a power of 4 into [1, 4) and mid any fp32 rounding midpoint
+    in [1, 2), |x - mid^2| >= 2^-48, so |sqrt(x) - mid| > 2^-50, four fp64 ulps.
+    """
     return torch.sqrt(x.double()).float() if x.device.type == "cpu" else torch.sqrt(x)
 
 
-def rank1_next_statistics(grad: torch.Tensor, v_codes: torch.Tensor, v_scales: list[torch.Tensor], beta2: float):
-    """Row/column (per-dimension) maxima of the new v = v * beta2 + ((1 - beta2) * g) * g, before it is quantized."""
+def rank1_next_statistics(grad, v_codes, v_scales: list[torch.Tensor], scalars: StepScalars) -> list[torch.Tensor]:
+    """Row/column (per-dimension) maxima of the new v (``next_v``), before it is quantized."""
     shape = tuple(stat.numel() for stat in v_scales)
     lin = quant.linear_map(v_codes.device)
     old = lin[quant.unpack_4bit(v_codes, grad.numel()).long()].view(shape) * quant.rank1_scale(v_scales)
-    g = grad.float().reshape(shape)
-    new = old * beta2 + ((1 - beta2) * g) * g
-    return quant.rank1_statistics(new)
+    return quant.rank1_statistics(next_v(old, grad.float().reshape(shape), scalars))
 
 
 def adamw4bit_step_torch(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1) -> None:
@@ -121,12 +134,9 @@ def adamw4bit_step_torch(param, grad, m_codes, m_absmax, v_codes, v_scales, scal
     m = de[quant.as_blocks(quant.unpack_4bit(m_codes, numel), block_size).long()] * m_absmax[:, None]
     v = _dequantize_v(v_codes, v_scales, numel, block_size, v_rank1)
 
-    p = p * scalars.decay
-    m, v = _next_moments(m, v, g, scalars)
-    m, v = torch.where(valid, m, 0.0), torch.where(valid, v, 0.0)
-    denom = _sqrt_rn(v) / scalars.bias_correction2_sqrt + scalars.eps
-    p = p + (scalars.neg_step_size * m) / denom
-    param.copy_(p.flatten()[:numel].view_as(param))
+    m = torch.where(valid, next_m(m, g, scalars), 0.0)
+    v = torch.where(valid, next_v(v, g, scalars), 0.0)
+    param.copy_(stepped_param(p, m, v, scalars).flatten()[:numel].view_as(param))
 
     m_scale = m.abs().amax(dim=1)
     m_q = quant.nearest_code(m / quant.safe_scale(m_scale)[:, None], de)
@@ -159,7 +169,7 @@ def adamw4bit_step_triton(param, grad, m_codes, m_absmax, v_codes, v_scales, sca
     de, lin = quant.dynamic_exponent_map(device), quant.linear_map(device)
     if v_rank1:
         old_row, old_col = v_scales
-        new_row, new_col = rank1_next_statistics(grad, v_codes, v_scales, scalars.beta2)
+        new_row, new_col = rank1_next_statistics(grad, v_codes, v_scales, scalars)
         n_cols = old_col.numel()
     else:
         old_row = old_col = new_row = new_col = v_scales[0]  # unused placeholders

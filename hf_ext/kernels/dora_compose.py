@@ -211,7 +211,7 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
 def _kernels_for(*tensors):
     """(forward, backward) implementations: Triton for CUDA tensors in kernel dtypes, the twin otherwise."""
     present = [t for t in tensors if t is not None]
-    if use_triton(present[0]) and all(t.dtype in _KERNEL_DTYPES for t in present):
+    if use_triton(present[0], "dora_compose") and all(t.dtype in _KERNEL_DTYPES for t in present):
         return compose_forward_triton, compose_backward_triton
     return compose_forward_torch, compose_backward_torch
 

@@ -112,7 +112,7 @@ def factored_row_norm(
     ``weight_sq_norms(weight, fan_in_fan_out)``; ``chunk_bytes``: budget for what the call allocates in fp32 (the
     rows get at least half of it whatever the fixed part takes).
     """
-    combine = combine_rows_triton if use_triton(weight) else combine_rows_torch
+    combine = combine_rows_triton if use_triton(weight, "dora_norm") else combine_rows_torch
     return _factored_row_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, weight_sq, chunk_bytes, combine)
 
 

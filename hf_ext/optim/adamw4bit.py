@@ -14,14 +14,18 @@ State of a tensor with more than ``min_quantized_numel`` elements: m as 4-bit co
 absmax, column absmax) (n-d: min over per-dimension absmax, after dropping singleton dimensions). When fewer than
 two non-singleton dimensions remain, v uses block-wise scales; this is also the path of the flat 1-D shards that
 FSDP1 and DeepSpeed ZeRO hand to the optimizer. DTensor parameters (FSDP2) are refused with an error. Smaller
-tensors keep fp32 m and v and step exactly like ``torch.optim.AdamW`` (foreach=False). ``AdamW4bitFactor``
-replaces v of every tensor with ndim >= 2 by fp32 Adafactor statistics (no eps added to g^2; a zero mean(R)
-divides as 1):
+tensors keep fp32 m and v. ``AdamW4bitFactor`` replaces v of every tensor with ndim >= 2 by fp32 Adafactor
+statistics (no eps added to g^2; a zero mean(R) divides as 1):
 
     R <- beta2 R + (1 - beta2) mean_last(g^2),   C <- beta2 C + (1 - beta2) mean_{-2}(g^2),
     v <- (R / mean_last(R))[..., :, None] * C[..., None, :]
 
-The quantized m / v step runs ``hf_ext.kernels.adamw4bit_step`` (Triton on CUDA, its torch twin elsewhere).
+The quantized m / v step runs ``hf_ext.kernels.adamw4bit_step`` (Triton on CUDA, its torch twin elsewhere); fp32
+and factored states go through that module's element-wise ops too (``next_m``, ``next_v``, ``stepped_param``:
+separately rounded fp32 ops, correctly rounded sqrt), so every layout computes the same bits on every CPU, except
+for the factored means, reductions whose summation order may depend on the CPU. The formula is
+``torch.optim.AdamW``'s; torch evaluates it in another op order (FMA-contracted ``lerp``, and on CPU MKL's sqrt,
+not correctly rounded on every CPU), so the two agree to a few fp32 roundings of each term, not bit for bit.
 ``state_dict()`` holds plain tensors (uint8 codes, fp32 scales and states, a CPU fp32 ``step``) and primitives,
 so ``torch.load(weights_only=True)`` reads it; loading keeps codes uint8 and scales fp32, reads each tensor's
 layout back from its keys and refuses state dicts of other optimizers. Rounding is deterministic, so a resumed run
@@ -228,11 +232,11 @@ class AdamW4bit(Optimizer):
             self._init_state(p, group, state)
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        step = state["step"].item()
+        scalars = fused.StepScalars.from_group(
+            group["lr"], beta1, beta2, group["eps"], group["weight_decay"], state["step"].item()
+        )
         m_layout, v_layout = state_layout(state)
         if m_layout == "q4" and v_layout in ("block", "rank1"):
-            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-            scalars = fused.StepScalars.from_group(lr, beta1, beta2, eps, weight_decay, step)
             rank1 = v_layout == "rank1"
             v_scales = (
                 [state[f"exp_avg_sq_stat{k}"] for k in range(len(quant.squeezed_shape(p.shape)))]
@@ -244,44 +248,35 @@ class AdamW4bit(Optimizer):
                 v_scales, scalars, group["block_size"], rank1,
             )  # fmt: skip
         else:
-            self._update_reference(p, group, state, step, m_layout, v_layout)
+            self._update_reference(p, state, scalars, group["block_size"], m_layout, v_layout)
 
-    def _update_reference(self, p, group, state, step, m_layout, v_layout) -> None:
-        """fp32 or factored v: torch.optim.AdamW's own op sequence (identical results for fp32 states)."""
-        beta1, beta2 = group["betas"]
-        lr, block_size = group["lr"], group["block_size"]
+    def _update_reference(self, p, state, scalars, block_size, m_layout, v_layout) -> None:
+        """fp32 or factored v: the fused step's element-wise ops, on whole tensors."""
         de = quant.dynamic_exponent_map(p.device)
-        param = p if p.dtype == torch.float32 else p.float()
         grad = p.grad.float()
         if m_layout == "fp32":
-            exp_avg = state["exp_avg"]
+            exp_avg = fused.next_m(state["exp_avg"], grad, scalars)
+            state["exp_avg"].copy_(exp_avg)
         else:
-            exp_avg = quant.dequantize_blockwise(
-                state["exp_avg_codes"], state["exp_avg_absmax"], de, p.shape, block_size
-            )
-        param.mul_(1 - lr * group["weight_decay"])
-        exp_avg.lerp_(grad, 1 - beta1)
-        if v_layout == "factored":
-            exp_avg_sq = self._factored_second_moment(state, grad, beta2)
-        else:
-            exp_avg_sq = state["exp_avg_sq"]
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-        param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
-        if param is not p:
-            p.copy_(param)
-        if m_layout == "q4":
+            old = quant.dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], de, p.shape, block_size)
+            exp_avg = fused.next_m(old, grad, scalars)
             codes, absmax = quant.quantize_blockwise(exp_avg, de, block_size)
             state["exp_avg_codes"].copy_(codes)
             state["exp_avg_absmax"].copy_(absmax)
+        if v_layout == "factored":
+            exp_avg_sq = self._factored_second_moment(state, grad, scalars)
+        else:
+            exp_avg_sq = fused.next_v(state["exp_avg_sq"], grad, scalars)
+            state["exp_avg_sq"].copy_(exp_avg_sq)
+        p.copy_(fused.stepped_param(p.float(), exp_avg, exp_avg_sq, scalars))
 
     @staticmethod
-    def _factored_second_moment(state: dict, grad: torch.Tensor, beta2: float) -> torch.Tensor:
+    def _factored_second_moment(state: dict, grad: torch.Tensor, scalars) -> torch.Tensor:
+        """Update R, C in place (separately rounded fp32 ops) and return the new v = (R / mean(R)) C."""
         squared = grad * grad
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        row.mul_(beta2).add_(squared.mean(dim=-1), alpha=1 - beta2)
-        col.mul_(beta2).add_(squared.mean(dim=-2), alpha=1 - beta2)
+        row.copy_(row * scalars.beta2 + scalars.one_minus_beta2 * squared.mean(dim=-1))
+        col.copy_(col * scalars.beta2 + scalars.one_minus_beta2 * squared.mean(dim=-2))
         row_mean = row.mean(dim=-1, keepdim=True)
         row_mean = torch.where(row_mean > 0, row_mean, torch.ones_like(row_mean))
         return (row / row_mean).unsqueeze(-1) * col.unsqueeze(-2)
