@@ -1,5 +1,5 @@
-"""Offline before any Hugging Face import; one private cache for the embedded model per test session; the local
-stand-in for the Hub's API."""
+"""Offline before any Hugging Face import; the Triton interpreter on CPU-only machines (before triton is imported);
+one private cache for the embedded model per test session; the local stand-in for the Hub's API."""
 
 import os
 import subprocess
@@ -9,14 +9,27 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 
+SESSION_ENVIRONMENT = dict(os.environ)  # as the test session found it
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_EXT_CACHE", tempfile.mkdtemp(prefix="hf_ext_test_cache_"))
+if not torch.cuda.is_available():  # the kernels' CPU tests (tests/triton_interpreter.py); a GPU compiles them instead
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment():
+    """Whatever a test sets in os.environ (directly or through code under test) is gone before the next test."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture

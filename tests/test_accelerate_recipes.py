@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SESSION_ENVIRONMENT
 from huggingface_hub import ModelCard
 
 from hf_ext.cli import main, resolve_accelerate_config
@@ -154,6 +155,12 @@ def test_two_process_cpu_config_reaches_the_ranks_as_cpu(no_launch):
     assert Path(args.config_file) == files("hf_ext.accelerate_configs") / "two_process_cpu.yaml"
     assert args.training_script.endswith("sft.py") and "--accelerate_config" not in args.training_script_args
     assert os.environ["ACCELERATE_USE_CPU"] == "true"  # accelerate's multi-GPU launcher drops the file's use_cpu
+
+
+def test_the_exported_cpu_switch_does_not_outlive_its_test():
+    """Runs right after the test above (file order): ACCELERATE_USE_CPU is back to its value at session start, so
+    later tests (on a GPU host: every one) are not silently moved to the CPU."""
+    assert os.environ.get("ACCELERATE_USE_CPU") == SESSION_ENVIRONMENT.get("ACCELERATE_USE_CPU")
 
 
 def test_allora_with_dora_is_refused_before_launch_and_model_loading(no_launch, monkeypatch):
