@@ -40,6 +40,23 @@ def test_materialized_checkpoint_loads_with_from_pretrained():
     torch.testing.assert_close(loaded(ids).logits, reference(ids).logits)
 
 
+def test_cache_is_keyed_by_what_builds_the_model(monkeypatch, tmp_path):
+    """A checkpoint left by another build (older code or library versions) in the same cache is never reused."""
+    from hf_ext.embedded import model as embedded_model
+
+    monkeypatch.setenv("HF_EXT_CACHE", str(tmp_path))
+    fresh = materialize_model()
+    assert fresh.parent == tmp_path / "embedded" and fresh.name.endswith(embedded_model.build_fingerprint())
+    monkeypatch.setattr(embedded_model.transformers, "__version__", "0.0.1")
+    rebuilt = materialize_model()
+    assert rebuilt != fresh and (rebuilt / "config.json").exists()
+    stale = (fresh / "model.safetensors").read_bytes()
+    monkeypatch.setattr(embedded_model, "__file__", str(tmp_path / "edited_model.py"))
+    (tmp_path / "edited_model.py").write_text("# the builder's code changed\n")
+    assert materialize_model() not in (fresh, rebuilt)
+    assert (fresh / "model.safetensors").read_bytes() == stale  # other builds' copies are left alone
+
+
 def test_resolve_model_only_rewrites_the_embedded_name():
     assert resolve_model(EMBEDDED_MODEL) == str(materialize_model())
     assert resolve_model("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"

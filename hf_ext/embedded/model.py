@@ -7,11 +7,13 @@ process. ``materialize_model`` writes them with ``save_pretrained`` so every loa
 ``from_pretrained``) sees an ordinary local checkpoint, exactly as it would a Hub model.
 """
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import save_model
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
@@ -62,14 +64,23 @@ def default_cache_dir() -> Path:
     return Path(root) / "embedded"
 
 
+def build_fingerprint() -> str:
+    """12 hex digits naming what builds the checkpoint: this module's code (architecture, vocabulary, seed) and the
+    torch and transformers versions (initialisation and file format); a cached copy is reused only when they match."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
+    return digest.hexdigest()[:12]
+
+
 def materialize_model(directory: str | os.PathLike | None = None) -> Path:
-    """Save the tiny model and tokenizer to ``directory`` (default: the hf_ext cache) and return its path.
+    """Save the tiny model and tokenizer to ``directory`` (default: the hf_ext cache, keyed by ``build_fingerprint``)
+    and return its path.
 
     Safe to call from several processes at once: each writes to a private folder, then renames it into place.
     Weights are written with safetensors directly, because ``save_pretrained`` writes them on distributed rank 0
     only and every rank here may be the one whose copy lands.
     """
-    target = Path(directory) if directory is not None else default_cache_dir() / f"tiny-qwen2-seed{MODEL_SEED}"
+    target = Path(directory) if directory is not None else default_cache_dir() / f"tiny-qwen2-{build_fingerprint()}"
     if (target / "config.json").exists():
         return target
     staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
