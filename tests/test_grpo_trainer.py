@@ -44,7 +44,7 @@ def tiny_config(tmp_path, **overrides) -> GRPOConfig:
 
 
 def test_unknown_loss_type_lists_allowed_values(tmp_path):
-    with pytest.raises(ValueError, match=r"loss_type='bal' is not known; allowed values: grpo, .*dapo.*, ba"):
+    with pytest.raises(ValueError, match=r"loss_type='bal' is not known; allowed values: .*\bgrpo, .*dapo.*, ba"):
         tiny_config(tmp_path, loss_type="bal")
 
 

@@ -25,9 +25,7 @@ from .grpo_ba import BalancedAggregationMixin
 from .grpo_gtpo import GTPOMixin
 from .grpo_real import REAL_VARIANTS, RewardsAsLabelsMixin
 from .optim_args import OptimizerMixin
-
-
-TRL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16
+from .trl_compat import trl_loss_types
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,7 @@ class GRPOConfig(HfExtArguments, trl.GRPOConfig):
 
     Parameters:
         loss_type (`str`, *optional*, defaults to `"dapo"`):
-            Any TRL loss type (`grpo`, `dr_grpo`, `dapo`, `bnpo`, `cispo`, `sapo`, `luspo`, `vespo`) or an hf_ext one:
+            Any loss type of the installed TRL (read from it: `grpo`, `dapo`, `cispo`, ... ) or an hf_ext one:
             `"ba"` (Balanced Aggregation, arXiv 2605.04077), `"real"` / `"real_bce"` (Rewards as Labels, arXiv
             2602.05630), `"gtpo"` (arXiv 2508.03772).
         ba_sign_tolerance (`float`, *optional*, defaults to `1e-6`):
@@ -105,7 +103,8 @@ class GRPOConfig(HfExtArguments, trl.GRPOConfig):
     loss_type: str = field(
         default="dapo",
         metadata={
-            "help": "Policy loss. TRL's: " + ", ".join(TRL_LOSS_TYPES) + ". hf_ext's: 'ba' (Balanced Aggregation, "
+            "help": "Policy loss. TRL's: " + ", ".join(trl_loss_types() or ["those of the installed TRL"]) + ". "
+            "hf_ext's: 'ba' (Balanced Aggregation, "
             "arXiv 2605.04077), 'real' and 'real_bce' (Rewards as Labels, arXiv 2602.05630), 'gtpo' (arXiv "
             "2508.03772)."
         },
@@ -147,11 +146,7 @@ class GRPOConfig(HfExtArguments, trl.GRPOConfig):
     )
 
     def __post_init__(self):
-        allowed = (*TRL_LOSS_TYPES, *HF_EXT_LOSS_TYPES)
-        _check(
-            self.loss_type in allowed,
-            f"loss_type={self.loss_type!r} is not known; allowed values: {', '.join(allowed)}.",
-        )
+        self._check_loss_type()
         if self.loss_type in HF_EXT_LOSS_TYPES:
             for name in ("num_generations", "num_generations_eval"):
                 value = getattr(self, name)
@@ -168,6 +163,25 @@ class GRPOConfig(HfExtArguments, trl.GRPOConfig):
             self._check_real()
         if self.loss_type == "gtpo":
             self._check_gtpo()
+
+    def _check_loss_type(self) -> None:
+        """hf_ext's loss types and the installed TRL's pass; where TRL's cannot be read, TRL gets the name, warned."""
+        trl_names = trl_loss_types()
+        if self.loss_type in HF_EXT_LOSS_TYPES or (trl_names and self.loss_type in trl_names):
+            return
+        if trl_names is None:
+            warnings.warn(
+                f"loss_type={self.loss_type!r} is no hf_ext loss type, and the loss types of the installed TRL "
+                f"({trl.__version__}) could not be read from its source: passing it to TRL unchecked (TRL fails at "
+                "the first loss call if it does not know it).",
+                stacklevel=3,
+            )
+            return
+        allowed = (*trl_names, *HF_EXT_LOSS_TYPES)
+        raise ValueError(
+            f"loss_type={self.loss_type!r} is not known; allowed values: {', '.join(allowed)} "
+            f"(TRL {trl.__version__}'s, then hf_ext's)."
+        )
 
     def _check_real(self) -> None:
         _check(0 < self.real_tau < math.inf, f"real_tau must be a finite number > 0, got {self.real_tau}.")
