@@ -1,6 +1,6 @@
-"""Recipes by Hub reference and ``hf-ext push-config``, through huggingface_hub's real upload and download code
-against a local stand-in for the Hub (tests/scripts/local_hub.py); offline resolution from the cache it filled;
-and the errors for an unknown field, an unresolvable reference and a push without a token."""
+"""Recipes by packaged name, by Hub reference and ``hf-ext push-config``, through huggingface_hub's real upload and
+download code against a local stand-in for the Hub (tests/scripts/local_hub.py); offline resolution from the cache
+it filled; and the errors for an unknown field, an unresolvable reference and a push without a token."""
 
 import os
 from pathlib import Path
@@ -11,7 +11,7 @@ from test_grpo_run import hf_ext_command
 
 from hf_ext import GRPOConfig, SFTConfig
 from hf_ext.cli import main
-from hf_ext.hub.configs import HubFile, parse_reference, resolve_config
+from hf_ext.hub.configs import HubFile, packaged_recipes, parse_reference, resolve_config
 from hf_ext.hub.publish import push_config, require_hub_token
 from hf_ext.scripts import grpo, sft
 from hf_ext.scripts.common import parse_recipe
@@ -30,6 +30,7 @@ RECIPES = REPO / "examples" / "configs"
         ("hf://me/recipes/ba.yaml", HubFile("me/recipes", "ba.yaml")),
         ("hf://datasets/me/recipes@dev/a/b.yml", HubFile("me/recipes", "a/b.yml", "dataset", "dev")),
         ("configs/missing.yaml", None),  # a path: a missing local file, never a Hub lookup
+        ("grpo_ba", None),  # a packaged name
         (str(RECIPES / "grpo_ba.yaml"), None),
     ],
 )
@@ -37,9 +38,23 @@ def test_reference_forms(reference, expected):
     assert parse_reference(reference) == expected
 
 
-def test_missing_local_file_says_what_is_accepted():
-    with pytest.raises(FileNotFoundError, match="no such file. Pass a local YAML path or a Hub reference"):
-        resolve_config("configs/missing.yaml")
+def test_packaged_recipes_by_name(tmp_path, monkeypatch):
+    assert list(packaged_recipes()) == sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    for name in ("grpo_ba", "sft_allora"):
+        assert Path(resolve_config(name)).read_bytes() == (RECIPES / f"{name}.yaml").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "grpo_ba").write_text("learning_rate: 0.1\n")
+    assert resolve_config("grpo_ba") == "grpo_ba"  # a local file comes first
+
+
+def test_missing_local_file_says_what_is_accepted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for reference in ("configs/missing.yaml", "grpo_ab", "grpo_ba.yaml"):
+        with pytest.raises(FileNotFoundError) as missing:
+            resolve_config(reference)
+        message = str(missing.value)
+        assert f"--config {reference!r}: no such file and no packaged recipe of that name" in message
+        assert "a packaged recipe name (grpo_ba, grpo_gtpo, " in message and "or a Hub reference" in message
 
 
 def test_push_config_then_train_from_the_offline_cache(tmp_path, local_hub, monkeypatch, capsys):

@@ -1,5 +1,6 @@
-"""The package list in pyproject.toml is explicit (two packages are mapped from outside hf_ext/): every package
-under hf_ext/ must be in it, and the mapped card templates and accelerate recipes must be found as resources."""
+"""The package list in pyproject.toml is explicit (three packages are mapped from outside hf_ext/): every package
+under hf_ext/ must be in it, and the mapped card templates, training recipes and accelerate recipes must be found as
+resources. tests/test_wheel.py checks that a built wheel carries them."""
 
 from importlib.resources import files
 from pathlib import Path
@@ -24,4 +25,5 @@ def test_every_package_is_listed():
 
 def test_mapped_resources_are_found():
     assert "{{ card_data }}" in files("hf_ext.model_cards").joinpath("hf_ext_model_card.md").read_text()
+    assert files("hf_ext.recipes").joinpath("grpo_ba.yaml").is_file()
     assert files("hf_ext.accelerate_configs").joinpath("__init__.py").is_file()

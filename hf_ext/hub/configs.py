@@ -1,8 +1,10 @@
-"""Recipes (training YAML files) by local path or by Hub reference, for every ``--config`` of hf_ext.
+"""Recipes (training YAML files) by local path, packaged name or Hub reference, for every ``--config`` of hf_ext.
 
 A reference is one of
 
-    path/to/recipe.yaml                       an existing local file
+    path/to/recipe.yaml                       an existing local file (looked for first)
+    grpo_ba                                   a recipe shipped with hf_ext (``hf_ext.recipes``, ``examples/configs/``
+                                              in the repository), by name: ``packaged_recipes()`` lists them
     owner/repo:path/in/repo.yaml              a file of a Hub repo (model repo unless ``repo_type`` says otherwise)
     owner/repo@revision:path/in/repo.yaml     the same at a branch, tag or commit
     owner/repo                                the ``recipe.yaml`` an hf_ext run pushed with its model
@@ -15,6 +17,7 @@ Hub files are fetched with ``hf_hub_download``: cached in the Hub cache and read
 import os
 import re
 from dataclasses import dataclass
+from importlib.resources import files
 
 from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import (
@@ -27,6 +30,7 @@ from huggingface_hub.errors import (
 
 
 DEFAULT_RECIPE = "recipe.yaml"
+RECIPES_PACKAGE = "hf_ext.recipes"
 REPO_TYPES = {"datasets": "dataset", "spaces": "space"}
 REPO_NAME = r"[A-Za-z0-9][\w.-]*"  # one part of a Hub repo id (owner or name)
 _REPO = rf"(?P<repo>{REPO_NAME}/{REPO_NAME})(?:@(?P<revision>[^:/]+))?"
@@ -48,8 +52,14 @@ class HubFile:
         return f"hf download {self.repo_id} {self.filename}{options}"
 
 
+def packaged_recipes() -> dict[str, str]:
+    """The paths of hf_ext's shipped recipes by name (file name without ``.yaml``), sorted by name."""
+    recipes = sorted(files(RECIPES_PACKAGE).iterdir(), key=lambda recipe: recipe.name)
+    return {recipe.name.removesuffix(".yaml"): str(recipe) for recipe in recipes if recipe.name.endswith(".yaml")}
+
+
 def parse_reference(reference: str) -> HubFile | None:
-    """The Hub file a config reference names, or None for a local path."""
+    """The Hub file a config reference names, or None for a local path or a packaged name."""
     if os.path.exists(reference):
         return None
     match = _URI_FORM.match(reference)
@@ -65,12 +75,16 @@ def resolve_config(reference: str) -> str:
     """A local path to the recipe ``reference`` names (see the module docstring)."""
     hub_file = parse_reference(reference)
     if hub_file is None:
-        if not os.path.isfile(reference):
-            raise FileNotFoundError(
-                f"--config {reference!r}: no such file. Pass a local YAML path or a Hub reference such as "
-                "'owner/repo:recipe.yaml', 'owner/repo@main:configs/grpo.yaml' or 'hf://owner/repo/recipe.yaml'."
-            )
-        return reference
+        if os.path.isfile(reference):
+            return reference
+        packaged = packaged_recipes()
+        if reference in packaged:
+            return packaged[reference]
+        raise FileNotFoundError(
+            f"--config {reference!r}: no such file and no packaged recipe of that name. Pass a local YAML path, a "
+            f"packaged recipe name ({', '.join(packaged)}) or a Hub reference such as 'owner/repo:recipe.yaml', "
+            "'owner/repo@main:configs/grpo.yaml' or 'hf://owner/repo/recipe.yaml'."
+        )
     try:
         return hf_hub_download(
             hub_file.repo_id, hub_file.filename, repo_type=hub_file.repo_type, revision=hub_file.revision
