@@ -86,18 +86,44 @@ def accelerate_launch_args(launch_args: list[str], training_args, model_args) ->
     return launch_args
 
 
+def with_launch_defaults(args):
+    """accelerate launch's parsed ``args``, where no accelerate config applies (no ``--config_file``, and no default
+    config file from ``accelerate config``, which ``--cpu`` ignores), with the values that accelerate would default
+    to and warn about filled in where not given: one process per accelerator device (at least one), one machine, no
+    mixed precision (the Trainer applies the training arguments' own), no dynamo."""
+    import torch
+    from accelerate.commands.config import default_config_file
+
+    if args.config_file is not None or (os.path.isfile(default_config_file) and not args.cpu):
+        return args
+    defaults = {
+        "num_processes": max(torch.accelerator.device_count(), 1),
+        "num_machines": 1,
+        "mixed_precision": "no",
+        "dynamo_backend": "no",
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
 def launch_training(command: str, argv: list[str]) -> int:
-    from accelerate.commands.launch import launch_command, launch_command_parser
+    from hf_ext.scripts.quiet import muted_import_notices
 
-    from hf_ext.scripts.common import parse_recipe
+    with muted_import_notices():  # the HF stack's first import in this process
+        from accelerate.commands.launch import launch_command, launch_command_parser
 
-    script = importlib.import_module(f"hf_ext.scripts.{command}")
+        from hf_ext.scripts.common import parse_recipe
+
+        script = importlib.import_module(f"hf_ext.scripts.{command}")
     # A Hub reference in --config becomes a cached local file here, once, before launching.
     argv, configs, config_rest, cli_rest = parse_recipe(script.make_parser(prog=f"hf-ext {command}"), argv)
     _, training_args, model_args, _ = configs
     launch_args = accelerate_launch_args(config_rest + cli_rest, training_args, model_args)
     script_path = str(files("hf_ext.scripts").joinpath(f"{command}.py"))
-    launch_command(launch_command_parser().parse_args([*launch_args, script_path, *_without(argv, cli_rest)]))
+    args = launch_command_parser().parse_args([*launch_args, script_path, *_without(argv, cli_rest)])
+    launch_command(with_launch_defaults(args))
     return 0
 
 

@@ -127,6 +127,7 @@ def test_shape_errors_say_what_to_do():
 
 def peft_dora_layer(fan_in_fan_out: bool, rank=8, alpha=12, seed=0):
     import peft
+
     torch.manual_seed(seed)
     if fan_in_fan_out:
         from transformers.pytorch_utils import Conv1D

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,51 @@ def test_cli_trains_and_saves(tmp_path):
     assert (tmp_path / "model.safetensors").exists()
 
 
+# What the main job printed before hf_ext handled it: optional backends' import-time notices, Transformers'
+# deprecations (of a recipe key, and of a property TRL and PEFT read), accelerate's launch defaults, log dicts.
+NOISE = (
+    "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "Could not load this library",  # torchao's optional C extensions, where torchao is installed
+    "is an Enum subclass and is now natively supported",  # torch, on torchao's enums
+    "`gradient_checkpointing` is deprecated",
+    "`is_gradient_checkpointing` is deprecated",
+    "The following values were not passed to `accelerate launch`",
+    "{'loss': ",
+)
+
+
+def test_main_job_prints_rows_and_a_summary_and_no_noise(tmp_path):
+    result = hf_ext_command(
+        "grpo", "--config", str(RECIPE), "--max_steps", "4", "--logging_steps", "2", "--output_dir", str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert [noise for noise in NOISE if noise in output] == [], output[-3000:]
+    header, *rows, summary = result.stdout.splitlines()
+    ba_metrics = ["ba/pos_weight", "ba/neg_weight", "ba/token_agg_pos_share", "ba/len_gap", "ba/no_signal_frac"]
+    assert header.split() == ["step", "reward", "reward_std", "entropy", *ba_metrics]
+    assert [row.split()[0] for row in rows] == ["2", "4"]
+    assert all(len(row.split()) == len(header.split()) for row in rows)
+    card = tmp_path / "README.md"
+    places = rf"output {re.escape(str(tmp_path))} \| model card {re.escape(str(card))}"
+    assert re.fullmatch(rf"done: reward \S+ -> \S+ \| 4 steps in \S+ \| {places}", summary), summary
+    assert card.is_file()
+
+
+def test_sft_prints_loss_and_eval_rows_without_the_bar(tmp_path, capsys):
+    """`--disable_tqdm true`, in process: the same kind of rows (loss instead of reward, evaluations marked)."""
+    from hf_ext.scripts.sft import run as run_sft
+
+    recipe = REPO / "examples" / "configs" / "sft_allora.yaml"
+    argv = ["--config", str(recipe), "--max_steps", "4", "--logging_steps", "2", "--eval_steps", "4"]
+    run_sft([*argv, "--num_eval_examples", "16", "--disable_tqdm", "true", "--output_dir", str(tmp_path)])
+    header, *rows, summary = capsys.readouterr().out.splitlines()
+    assert header.split() == ["step", "loss", "mean_token_accuracy", "entropy"]
+    assert [row.split()[:2] for row in rows][2] == ["4", "eval"] and len(rows[2].split()) == 5
+    assert [row.split()[0] for row in rows] == ["2", "4", "4"]
+    assert summary.startswith("done: loss ") and summary.endswith(f" | model card {tmp_path / 'README.md'}")
+
+
 def test_cli_env_lists_versions():
     result = hf_ext_command("env")
     assert result.returncode == 0
@@ -87,6 +133,14 @@ def test_ba_learns_the_embedded_task(tmp_path):
     assert end > start + 0.25, rewards
 
 
+def test_compare_losses_defaults_to_every_loss_type_of_the_installed_trl_and_hf_ext():
+    from hf_ext.scripts.compare_losses import default_loss_types
+    from hf_ext.trainers import HF_EXT_LOSS_TYPES, trl_loss_types
+
+    assert default_loss_types() == [*sorted(trl_loss_types()), *HF_EXT_LOSS_TYPES]
+    assert len(default_loss_types()) == len(trl_loss_types()) + 4
+
+
 def test_compare_losses_writes_table_curves_and_plot(tmp_path):
     from hf_ext.scripts.compare_losses import main as compare_losses
 
@@ -102,11 +156,17 @@ def test_compare_losses_writes_table_curves_and_plot(tmp_path):
             "4",
             "--logging_steps",
             "2",
+            "--learning_rates",
+            "2e-3",
+            "6e-3",
+            "--sweep_steps",
+            "2",
             "--out",
             str(tmp_path),
         ]
     )
     assert [row["loss_type"] for row in rows] == ["dapo", "ba"]
+    assert {row["learning_rate"] for row in rows} <= {2e-3, 6e-3} and (tmp_path / "sweep.md").exists()
     assert rows[0]["time_vs_dapo"] == pytest.approx(1.0)
     table = (tmp_path / "table.md").read_text()
     assert "| ba |" in table and "| dapo |" in table

@@ -129,28 +129,35 @@ def check_composition(
 
 def train(trainer_cls, script_args, training_args, model_args, dataset_args, build_embedded, **trainer_kwargs):
     """Build ``trainer_cls`` as TRL's scripts do (model, datasets, quantization, LoRA from ``model_args``), train,
-    save, push if asked, and end the run cleanly on every process. Returns the trainer."""
+    save, push if asked, and end the run cleanly on every process. The main process prints one row per log and a
+    summary line (``hf_ext.scripts.run_log``). Returns the trainer."""
     from trl import get_peft_config, get_quantization_config
 
     from hf_ext.hub.card import training_recipe
+    from hf_ext.scripts.quiet import muted_library_deprecations
+    from hf_ext.scripts.run_log import print_step_rows, summary_line
 
     check_composition(training_args, model_args)
     model = model_and_init_kwargs(model_args, training_args)
     train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args.seed, build_embedded)
-    trainer = trainer_cls(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-        **trainer_kwargs,
-    )
-    trainer.hf_ext_recipe = training_recipe(script_args, training_args, model_args, dataset_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    with muted_library_deprecations():
+        trainer = trainer_cls(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset if training_args.eval_strategy != "no" else None,
+            quantization_config=get_quantization_config(model_args),
+            peft_config=get_peft_config(model_args),
+            **trainer_kwargs,
+        )
+        print_step_rows(trainer)
+        trainer.hf_ext_recipe = training_recipe(script_args, training_args, model_args, dataset_args)
+        train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if trainer.is_world_process_zero():
+        print(summary_line(trainer, train_output), flush=True)
     # Let every rank's last collective finish and its gloo worker threads drop their tensors before the group goes:
     # otherwise freeing the DDP reducer can deadlock at exit (seen on CPU/gloo with torch 2.13, about 1 run in 5).
     trainer.accelerator.wait_for_everyone()

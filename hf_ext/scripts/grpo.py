@@ -12,12 +12,16 @@ import os
 import sys
 from dataclasses import dataclass
 
-from trl import DatasetMixtureConfig, ModelConfig, TrlParser
-from trl.scripts.grpo import GRPOScriptArguments as TrlGRPOScriptArguments
+from hf_ext.scripts.quiet import muted_import_notices
 
-from hf_ext.embedded import EMBEDDED_TASK
-from hf_ext.scripts.common import EmbeddedDatasetArguments, parse_recipe, train
-from hf_ext.trainers import GRPOConfig
+
+with muted_import_notices():  # in a rank that accelerate launched: the HF stack's first import
+    from trl import DatasetMixtureConfig, ModelConfig, TrlParser
+    from trl.scripts.grpo import GRPOScriptArguments as TrlGRPOScriptArguments
+
+    from hf_ext.embedded import EMBEDDED_TASK
+    from hf_ext.scripts.common import EmbeddedDatasetArguments, parse_recipe, train
+    from hf_ext.trainers import GRPOConfig
 
 
 @dataclass

@@ -9,10 +9,14 @@ takes a Hub dataset, a local one or `embedded:count` (the default: prompt "c d e
 
 from dataclasses import dataclass
 
-from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+from hf_ext.scripts.quiet import muted_import_notices
 
-from hf_ext.scripts.common import EmbeddedDatasetArguments, parse_recipe, train
-from hf_ext.trainers import SFTConfig
+
+with muted_import_notices():  # in a rank that accelerate launched: the HF stack's first import
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+    from hf_ext.scripts.common import EmbeddedDatasetArguments, parse_recipe, train
+    from hf_ext.trainers import SFTConfig
 
 
 @dataclass
