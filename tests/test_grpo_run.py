@@ -173,6 +173,9 @@ def test_compare_losses_writes_table_curves_and_plot(tmp_path):
     curves = (tmp_path / "curves.csv").read_text().splitlines()
     assert curves[0] == "loss_type,seed,step,reward" and len(curves) == 1 + 2 * 2 * 2
     assert (tmp_path / "rewards.png").stat().st_size > 1000
+    provenance = (tmp_path / "README.md").read_text()
+    assert "- command: `hf-ext compare-losses --loss_types dapo ba --seeds 0 1" in provenance
+    assert "- versions: hf-ext " in provenance and " trl " in provenance and "cores" in provenance
 
 
 RECIPES = sorted(p.name for p in (REPO / "examples" / "configs").glob("grpo_*.yaml"))

@@ -214,8 +214,9 @@ def test_first_step_of_quantized_states_is_the_adamw_formula():
     fp64 with the fp32-rounded constants that the step uses.
 
     Not compared with torch.optim.AdamW to 1 ulp of p: (a) torch's fp32 CPU sqrt is MKL's vsSqrt, which picks its
-    code path by CPU vendor: on AMD about a fifth of its results are 1 ulp off the correctly rounded value whatever
-    ATEN_CPU_CAPABILITY says, on Intel nearly none; this step's sqrt is correctly rounded. (b) Rounding errors are
+    code path by CPU vendor: on an AMD EPYC about a fifth of its results are 1 ulp off the correctly rounded value
+    whatever ATEN_CPU_CAPABILITY says, where the test was first written nearly none (1 of 21,531 elements differed
+    there); this step's sqrt is correctly rounded. (b) Rounding errors are
     relative to the terms p * decay and update (~lr), not to the result: where they cancel (p0 = 7.33e-4, update
     -1e-3, p1 = -2.67e-4) one ulp of the update is 4 ulps of p1. (c) torch.randn's low bits differ between CPU
     capabilities (default vs avx2/avx512 normal_fill), so which elements cancel depends on the machine.

@@ -14,7 +14,8 @@ the ``--seeds`` runs of ``--max_steps`` steps use. A single learning rate means 
 Writes to ``--out``: ``curves.csv`` (reward per logged step, seed and loss type), ``table.md`` (learning rate, final
 and best mean reward over seeds, step time relative to ``dapo``), ``sweep.csv`` and ``sweep.md`` (with a sweep: final
 reward per loss type, learning rate and sweep seed; its mean over sweep seeds) and ``rewards.png`` (needs matplotlib:
-``pip install hf-ext[bench]``). Final reward: the mean of a run's last two logged rewards.
+``pip install hf-ext[bench]``) and ``README.md`` (command, date, machine, versions). Final reward: the mean of a
+run's last two logged rewards.
 
     hf-ext compare-losses --out benchmarks/results/compare_losses_cpu    # 3 seeds x 300 steps, the README's table
     hf-ext compare-losses --loss_types dapo ba --max_steps 4 --seeds 0   # a quick check
@@ -23,8 +24,13 @@ reward per loss type, learning rate and sweep seed; its mean over sweep seeds) a
 
 import argparse
 import csv
+import datetime
+import os
+import platform
 import statistics
+import sys
 import tempfile
+import time
 import warnings
 from importlib.resources import files
 from pathlib import Path
@@ -206,6 +212,39 @@ def write_outputs(runs: dict[str, list[dict]], rows: list[dict], out: Path, seed
     figure.savefig(out / "rewards.png", dpi=120)
 
 
+def write_provenance(out: Path, argv: list[str], seconds: float) -> None:
+    """``README.md`` in ``out``: the command, date, wall time, machine and versions of the run that wrote it."""
+    from importlib.metadata import version
+
+    import torch
+
+    packages = ("hf-ext", "torch", "transformers", "trl", "peft", "accelerate")
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
+        platform.processor() or "unknown CPU",
+    )
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    lines = [
+        "# GRPO loss types on the embedded task",
+        "",
+        f"- command: `hf-ext compare-losses {' '.join(argv)}`",
+        f"- date: {datetime.date.today().isoformat()}; wall time {seconds / 60:.1f} min",
+        f"- machine: {platform.machine()} {cpu}, {os.cpu_count()} cores, {gpu}",
+        f"- versions: {', '.join(f'{name} {version(name)}' for name in packages)}",
+        "- files: `table.md` (final = mean of a run's last two logged rewards), `curves.csv`, `rewards.png`, and with "
+        "a sweep `sweep.md`, `sweep.csv`",
+    ]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-ext compare-losses", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -240,6 +279,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from hf_ext.scripts import grpo
     from hf_ext.scripts.common import parse_recipe
 
+    started = time.perf_counter()
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser()
     cli = parser.parse_args(argv)
     loss_types = list(dict.fromkeys(cli.loss_types or default_loss_types()))
@@ -272,6 +313,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     }
     rows = summarize(runs, learning_rates)
     write_outputs(runs, rows, cli.out, cli.seeds)
+    write_provenance(cli.out, argv, time.perf_counter() - started)
     return rows
 
 
