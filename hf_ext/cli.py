@@ -8,7 +8,9 @@
 
 Training commands parse the recipe first (so a bad field fails before anything launches), then hand the script to
 `accelerate launch`; YAML keys and flags that are no training field (`num_processes: 2`, `--multi_gpu`...) go to
-accelerate, as with `trl grpo`.
+accelerate, as with `trl grpo`. An output_dir holding an earlier run's model or checkpoints is refused unless the run
+resumes or `--overwrite_output_dir true` is given; SIGINT or SIGTERM to `hf-ext` stops every process of the run before
+it exits (130, 143), and the run's processes end themselves if `hf-ext` is killed.
 """
 
 import argparse
@@ -109,21 +111,29 @@ def with_launch_defaults(args):
 
 
 def launch_training(command: str, argv: list[str]) -> int:
+    """Parses and checks the recipe (fields, composition, whether ``output_dir`` may be written), then runs the
+    script under ``accelerate launch`` until it ends; returns 0. SIGINT or SIGTERM stops every process of the run
+    first, then exits with 130 or 143 (``hf_ext.scripts.lifetime``); the ranks end themselves if this process dies
+    otherwise (SIGKILL)."""
     from hf_ext.scripts.quiet import muted_import_notices
 
     with muted_import_notices():  # the HF stack's first import in this process
         from accelerate.commands.launch import launch_command, launch_command_parser
 
         from hf_ext.scripts.common import parse_recipe
+        from hf_ext.scripts.lifetime import launched_run
+        from hf_ext.scripts.overwrite import refuse_overwrite
 
         script = importlib.import_module(f"hf_ext.scripts.{command}")
     # A Hub reference in --config becomes a cached local file here, once, before launching.
     argv, configs, config_rest, cli_rest = parse_recipe(script.make_parser(prog=f"hf-ext {command}"), argv)
     _, training_args, model_args, _ = configs
     launch_args = accelerate_launch_args(config_rest + cli_rest, training_args, model_args)
+    refuse_overwrite(training_args)
     script_path = str(files("hf_ext.scripts").joinpath(f"{command}.py"))
     args = launch_command_parser().parse_args([*launch_args, script_path, *_without(argv, cli_rest)])
-    launch_command(with_launch_defaults(args))
+    with launched_run():
+        launch_command(with_launch_defaults(args))
     return 0
 
 
