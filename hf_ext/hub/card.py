@@ -32,6 +32,7 @@ RUN_LOCAL_FIELDS = {
     "output_dir",
     "logging_dir",
     "resume_from_checkpoint",
+    "overwrite_output_dir",
     "push_to_hub",
     "hub_model_id",
     "hub_strategy",
