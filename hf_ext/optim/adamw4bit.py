@@ -28,8 +28,9 @@ for the factored means, reductions whose summation order may depend on the CPU. 
 not correctly rounded on every CPU), so the two agree to a few fp32 roundings of each term, not bit for bit.
 ``state_dict()`` holds plain tensors (uint8 codes, fp32 scales and states, a CPU fp32 ``step``) and primitives,
 so ``torch.load(weights_only=True)`` reads it; loading keeps codes uint8 and scales fp32, reads each tensor's
-layout back from its keys and refuses state dicts of other optimizers. Rounding is deterministic, so a resumed run
-is bit-identical to an uninterrupted one.
+layout back from its keys and refuses (``StateDictError``) state dicts of other optimizers, layouts other than the
+one the saved settings give the parameter, and values no step writes (``state_value_problem``). Rounding is
+deterministic, so a resumed run is bit-identical to an uninterrupted one.
 """
 
 import math
@@ -47,6 +48,7 @@ NONFINITE_POLICIES = ("raise", "skip")
 M_LAYOUTS = ("fp32", "q4")
 V_LAYOUTS = ("fp32", "block", "rank1", "factored")
 VALID_LAYOUTS = {("fp32", "fp32"), ("fp32", "factored"), ("q4", "block"), ("q4", "rank1"), ("q4", "factored")}
+LAYOUT_SETTINGS = ("quantize", "min_quantized_numel", "factor_second_moment")  # group keys that pick a layout
 
 
 def state_spec(param: torch.Tensor, m_layout: str, v_layout: str, block_size: int) -> dict[str, tuple]:
@@ -100,6 +102,111 @@ def state_nbytes(optimizer: Optimizer) -> int:
     """Bytes held in tensors of ``optimizer.state`` (codes, scales, fp32 states, step counters)."""
     tensors = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class StateDictError(ValueError):
+    """A state dict that ``AdamW4bit.load_state_dict`` refuses. ``param`` is the live parameter whose saved state is
+    at fault (None for faults of the whole dict), so that a caller knowing parameter names and files can add them."""
+
+    def __init__(self, message: str, param: torch.Tensor | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def state_value_problem(state: dict, param: torch.Tensor, m_layout: str, v_layout: str, block_size: int):
+    """(key, what is wrong) for the first entry of one parameter's state (keys, dtypes and shapes already checked)
+    that holds values no step writes, else None.
+
+    A step writes a whole ``step`` >= 1, finite fp32 tensors, scales and second moments >= 0, and codes that agree
+    with their scales: where a scale is 0 every code is the zero code (m: ``DE_ZERO_CODE``, v: ``LINEAR_ZERO_CODE``),
+    where it is > 0 its block (rank-1: its row, column, ... of the squeezed shape) holds the code of +-1 (m: 0 or
+    15, v: 15), which its largest element gets; rank-1 statistics share one maximum (the largest v); and the pad
+    nibble of an odd-sized tensor is the zero code.
+    """
+    numel, step = param.numel(), state["step"]
+    if not (torch.isfinite(step) and step >= 1 and step == step.round()):
+        return "step", f"is {step.item()}, not a whole number >= 1"
+    for key, value in state.items():
+        if key == "step" or value.dtype != torch.float32:
+            continue
+        if not torch.isfinite(value).all():
+            first = (~torch.isfinite(value)).flatten().nonzero()[0].item()
+            return key, f"holds NaN or Inf (first at flat index {first}: {value.flatten()[first].item()})"
+        if key != "exp_avg" and (value < 0).any():
+            first = (value < 0).flatten().nonzero()[0].item()
+            return key, f"holds a negative value (flat index {first}: {value.flatten()[first].item()})"
+    if m_layout == "q4":
+        codes, scales = state["exp_avg_codes"], state["exp_avg_absmax"]
+        problem = _blockwise_codes_problem(codes, scales, numel, block_size, quant.DE_ZERO_CODE, (0, 15))
+        if problem:
+            return "exp_avg_codes", problem
+    if v_layout == "block":
+        codes, scales = state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"]
+        problem = _blockwise_codes_problem(codes, scales, numel, block_size, quant.LINEAR_ZERO_CODE, (15,))
+        if problem:
+            return "exp_avg_sq_codes", problem
+    if v_layout == "rank1":
+        stats = [state[f"exp_avg_sq_stat{k}"] for k in range(len(quant.squeezed_shape(param.shape)))]
+        return _rank1_codes_problem(state["exp_avg_sq_codes"], stats, numel)
+    return None
+
+
+def _pad_problem(nibbles: torch.Tensor, numel: int, zero_code: int) -> str | None:
+    if numel % 2 and nibbles[-1] != zero_code:
+        return (
+            f"has pad nibble {nibbles[-1].item()} (the high 4 bits of the last byte, as the tensor has an odd number "
+            f"of elements, {numel}), expected the zero code {zero_code}"
+        )
+    return None
+
+
+def _blockwise_codes_problem(packed, scales, numel: int, block_size: int, zero_code: int, top_codes: tuple):
+    nibbles = quant.unpack_4bit(packed, 2 * packed.numel())
+    problem = _pad_problem(nibbles, numel, zero_code)
+    if problem:
+        return problem
+    codes = quant.as_blocks(nibbles[:numel], block_size)
+    valid = quant.as_blocks(torch.ones(numel, dtype=torch.bool, device=packed.device), block_size)
+    stray = ((scales == 0)[:, None] & valid & (codes != zero_code)).any(dim=1)
+    if stray.any():
+        block = stray.nonzero()[0].item()
+        return f"has codes other than the zero code {zero_code} in block {block}, whose scale is 0 (an all-zero block)"
+    top = (valid & torch.isin(codes, torch.tensor(top_codes, device=codes.device))).any(dim=1)
+    missing = (scales > 0) & ~top
+    if missing.any():
+        block = missing.nonzero()[0].item()
+        return (
+            f"has no code {' or '.join(map(str, top_codes))} in block {block}, whose scale is "
+            f"{scales[block].item()} > 0 (its largest element, at +-scale, gets one)"
+        )
+    return None
+
+
+def _rank1_codes_problem(packed, stats: list[torch.Tensor], numel: int) -> tuple | None:
+    nibbles = quant.unpack_4bit(packed, 2 * packed.numel())
+    problem = _pad_problem(nibbles, numel, quant.LINEAR_ZERO_CODE)
+    if problem:
+        return "exp_avg_sq_codes", problem
+    for k, stat in enumerate(stats[1:], start=1):
+        if stat.max() != stats[0].max():
+            return (
+                f"exp_avg_sq_stat{k}",
+                f"has maximum {stat.max().item()}, exp_avg_sq_stat0 {stats[0].max().item()}: both are the largest v",
+            )
+    codes = nibbles[:numel].view([stat.numel() for stat in stats])
+    for k, stat in enumerate(stats):
+        others = tuple(d for d in range(codes.dim()) if d != k)
+        zero_line, top_line = (codes == quant.LINEAR_ZERO_CODE).all(dim=others), (codes == 15).any(dim=others)
+        wrong = ((stat == 0) & ~zero_line) | ((stat > 0) & ~top_line)
+        if wrong.any():
+            i = wrong.nonzero()[0].item()
+            expected = f"all {quant.LINEAR_ZERO_CODE}" if stat[i] == 0 else "a code 15 (its largest element's)"
+            return (
+                "exp_avg_sq_codes",
+                f"disagree with exp_avg_sq_stat{k}[{i}] = {stat[i].item()}: index {i} of dimension {k} should hold "
+                f"{expected}",
+            )
+    return None
 
 
 def _check_group(owner: str, group: dict) -> None:
@@ -299,29 +406,29 @@ class AdamW4bit(Optimizer):
         """Saved parameter index -> live parameter, after refusing foreign or mismatched state dicts."""
         owner = type(self).__name__
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
-            raise ValueError(f"{owner}.load_state_dict: expected a dict with 'state' and 'param_groups'.")
+            raise StateDictError(f"{owner}.load_state_dict: expected a dict with 'state' and 'param_groups'.")
         saved_groups = state_dict["param_groups"]
         for i, group in enumerate(saved_groups):
             if group.get("q4_format") != Q4_FORMAT:
-                raise ValueError(
+                raise StateDictError(
                     f"{owner}.load_state_dict: param_groups[{i}] has q4_format={group.get('q4_format')!r}, expected "
                     f"{Q4_FORMAT}: this state dict was not saved by AdamW4bit/AdamW4bitFactor (of this version). "
                     "Load it into the optimizer that saved it, or start this optimizer from a fresh state."
                 )
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
+            raise StateDictError(
                 f"{owner}.load_state_dict: {len(saved_groups)} saved param groups, the optimizer has "
                 f"{len(self.param_groups)}."
             )
         id_map = {}
         for i, (saved, live) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             if len(saved["params"]) != len(live["params"]):
-                raise ValueError(
+                raise StateDictError(
                     f"{owner}.load_state_dict: param_groups[{i}] saved {len(saved['params'])} parameters, "
                     f"the optimizer has {len(live['params'])}."
                 )
             if saved.get("factor_second_moment") != live["factor_second_moment"]:
-                raise ValueError(
+                raise StateDictError(
                     f"{owner}.load_state_dict: param_groups[{i}] was saved with factor_second_moment="
                     f"{saved.get('factor_second_moment')}, this optimizer uses {live['factor_second_moment']} "
                     "(AdamW4bit and AdamW4bitFactor states do not mix)."
@@ -329,27 +436,49 @@ class AdamW4bit(Optimizer):
             id_map.update({index: (p, saved) for index, p in zip(saved["params"], live["params"], strict=True)})
         for index, state in state_dict["state"].items():
             if index not in id_map:
-                raise ValueError(f"{owner}.load_state_dict: state for unknown parameter index {index!r}.")
+                raise StateDictError(f"{owner}.load_state_dict: state for unknown parameter index {index!r}.")
             self._check_param_state(index, state, *id_map[index])
         return {index: p for index, (p, _) in id_map.items()}
 
     def _check_param_state(self, index, state: dict, p: torch.Tensor, group: dict) -> None:
+        """Keys, dtypes and shapes of the saved layout, that layout against the one the saved settings give ``p``,
+        then the values (``state_value_problem``)."""
         owner = type(self).__name__
+        where = f"{owner}.load_state_dict: state of parameter {index} (shape {tuple(p.shape)})"
         layout = state_layout(state)
         spec = state_spec(p, *layout, group["block_size"]) if layout is not None else {}
         if layout is None or set(state) != set(spec):
-            raise ValueError(
-                f"{owner}.load_state_dict: state of parameter {index} (shape {tuple(p.shape)}) has keys "
-                f"{sorted(state)}, which match no {owner} layout (expected e.g. {sorted(spec) or 'exp_avg_codes'})."
+            raise StateDictError(
+                f"{where} has keys {sorted(state)}, which match no {owner} layout (expected e.g. "
+                f"{sorted(spec) or 'exp_avg_codes'}).",
+                p,
             )
         for key, (dtype, shape) in spec.items():
             value = state[key]
             if not torch.is_tensor(value) or value.dtype != dtype or tuple(value.shape) != shape:
                 got = f"{value.dtype} {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
-                raise ValueError(
-                    f"{owner}.load_state_dict: state['{key}'] of parameter {index} (shape {tuple(p.shape)}) is "
-                    f"{got}, expected {dtype} {shape}. The state dict belongs to another model or block_size."
+                raise StateDictError(
+                    f"{where}: state['{key}'] is {got}, expected {dtype} {shape}. The state dict belongs to another "
+                    "model or block_size.",
+                    p,
                 )
+        expected = choose_layout(p, group)
+        if layout != expected:
+            settings = ", ".join(f"{k}={group[k]}" for k in LAYOUT_SETTINGS)
+            raise StateDictError(
+                f"{where} has layout m={layout[0]}, v={layout[1]}, but the settings it was saved with ({settings}) "
+                f"give this shape m={expected[0]}, v={expected[1]}: the state dict belongs to another model or was "
+                "edited.",
+                p,
+            )
+        problem = state_value_problem(state, p, *layout, group["block_size"])
+        if problem is not None:
+            key, what = problem
+            raise StateDictError(
+                f"{where}: state['{key}'] {what}. No {owner} step writes this: the state dict is damaged or was "
+                "edited. Load an undamaged one (an earlier checkpoint) or start this optimizer from a fresh state.",
+                p,
+            )
 
 
 class AdamW4bitFactor(AdamW4bit):

@@ -4,8 +4,12 @@ Transformers coerces ``optim`` into its ``OptimizerNames`` enum, which rejects n
 ``optim`` as a plain string, check it against both lists and parse ``optim_args`` into typed, validated keyword
 arguments before the base class sees the config; hf_ext's trainers then build the optimizer from the name.
 A plain ``transformers.Trainer`` gets the same optimizer with ``optimizer_cls_and_kwargs(args, name)``.
+On resume (``checkpoints.CheckpointMixin``), ``check_resumed_optimizer`` refuses a saved optimizer state that this
+run's ``optim`` and ``optim_args`` would not continue, and ``apply_run_policies`` puts back the run's settings that
+are no part of the state, so that ``recipe.yaml`` and the model card record what is in force.
 """
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +20,8 @@ from ..optim import OPTIMIZERS
 
 
 OPTIM_ARG_TYPES = {"block_size": int, "min_quantized_numel": int, "nonfinite_grads": str}
+LAYOUT_ARGS = ("block_size", "min_quantized_numel")  # define how saved states are laid out: refused if changed
+RUN_POLICIES = ("nonfinite_grads",)  # no part of the state: the resuming run's value applies
 _DEFAULT_OPTIM = TrainingArguments.__dataclass_fields__["optim"].default
 
 
@@ -37,6 +43,66 @@ def parse_optim_args(name: str, optim_args: str | None) -> dict:
             raise ValueError(f"optim_args: {key} must be {OPTIM_ARG_TYPES[key].__name__}, got {value!r}.") from None
     OPTIMIZERS[name]([torch.zeros(1, requires_grad=True)], **kwargs)  # the optimizer's own checks, at config time
     return kwargs
+
+
+def optim_name(args) -> str:
+    """``args.optim`` as a string, whether Transformers coerced it into its ``OptimizerNames`` enum or not."""
+    return args.optim.value if isinstance(args.optim, OptimizerNames) else args.optim
+
+
+def optim_settings(name: str, optim_args: str | None) -> dict:
+    """Every ``OPTIM_ARG_TYPES`` key -> the value hf_ext optimizer ``name`` runs with under ``optim_args`` (its
+    defaults where not given)."""
+    defaults = inspect.signature(OPTIMIZERS[name]).parameters
+    return {key: defaults[key].default for key in OPTIM_ARG_TYPES} | parse_optim_args(name, optim_args)
+
+
+def saved_optimizer_name(param_groups: list[dict]) -> str | None:
+    """The hf_ext optimizer name whose ``state_dict()`` has these ``param_groups``; None for other optimizers."""
+    if not param_groups or "q4_format" not in param_groups[0]:
+        return None
+    factor = param_groups[0].get("factor_second_moment")
+    return next((name for name, cls in OPTIMIZERS.items() if cls.factor_second_moment == factor), None)
+
+
+def check_resumed_optimizer(args: TrainingArguments, param_groups: list[dict]) -> None:
+    """Refuse (ValueError) to continue a saved optimizer state, given by its ``param_groups``, with ``args``' optimizer
+    when that cannot continue it: an hf_ext optimizer's state under another ``optim`` (Transformers' or the other
+    hf_ext one), another optimizer's state under an hf_ext ``optim``, or an hf_ext state saved with other
+    ``LAYOUT_ARGS`` than ``args.optim_args`` give. ``RUN_POLICIES`` may differ: ``apply_run_policies`` sets them."""
+    saved, name = saved_optimizer_name(param_groups), optim_name(args)
+    live = name if name in OPTIMIZERS else None
+    restart = "or start a new run (another output_dir, no resume_from_checkpoint) to train with"
+    if saved != live:
+        saved_as = f"optim={saved!r} (4-bit states)" if saved else "an optimizer not hf_ext's (e.g. adamw_torch)"
+        resume_with = f"--optim {saved}" if saved else "the optim that saved it"
+        raise ValueError(
+            f"the optimizer state was saved by {saved_as}; this run's optim={name!r} cannot continue it. "
+            f"Resume with {resume_with}, {restart} optim={name!r}."
+        )
+    if live is None:
+        return
+    settings = optim_settings(live, args.optim_args)
+    for key in LAYOUT_ARGS:
+        saved_values = sorted({group[key] for group in param_groups})
+        if saved_values != [settings[key]]:
+            keep = {**settings, **{k: param_groups[0][k] for k in LAYOUT_ARGS}}
+            raise ValueError(
+                f"the optimizer state was saved with {key}={', '.join(map(str, saved_values))}; this run's optim_args "
+                f"({args.optim_args!r}) give {key}={settings[key]}, which the loaded 4-bit states would not follow "
+                f"(they keep the layout they were saved with). Resume with --optim_args "
+                f"{','.join(f'{k}={v}' for k, v in keep.items())}, {restart} {key}={settings[key]}."
+            )
+
+
+def apply_run_policies(optimizer, args: TrainingArguments) -> None:
+    """After ``optimizer`` loaded a checkpoint (its param groups hold the settings they were saved with): the
+    ``RUN_POLICIES`` of ``args.optim_args`` in every group, when ``args.optim`` is an hf_ext optimizer."""
+    if optim_name(args) not in OPTIMIZERS:
+        return
+    settings = optim_settings(optim_name(args), args.optim_args)
+    for group in optimizer.param_groups:
+        group.update({key: settings[key] for key in RUN_POLICIES})
 
 
 def optimizer_cls_and_kwargs(args: TrainingArguments, name: str | None = None) -> tuple[type, dict]:
@@ -68,7 +134,7 @@ class OptimizerArguments:
 
     def _hand_over_optim(self) -> str | None:
         """Before the base ``__post_init__``: stand a valid enum value in for an hf_ext name; returns the name."""
-        name = self.optim.value if isinstance(self.optim, OptimizerNames) else self.optim
+        name = optim_name(self)
         if name in OPTIMIZERS:
             parse_optim_args(name, self.optim_args)
             self.optim = "adamw_torch"

@@ -7,6 +7,7 @@ import trl
 from .adapter_args import adapter_peft_config, apply_adapter_switches
 from .arguments import HfExtArguments
 from .card import ModelCardMixin
+from .checkpoints import CheckpointMixin
 from .optim_args import OptimizerMixin
 
 
@@ -29,7 +30,7 @@ class SFTConfig(HfExtArguments, trl.SFTConfig):
     """
 
 
-class SFTTrainer(OptimizerMixin, ModelCardMixin, trl.SFTTrainer):
+class SFTTrainer(OptimizerMixin, ModelCardMixin, CheckpointMixin, trl.SFTTrainer):
     """TRL's [`trl.SFTTrainer`] that honours [`hf_ext.SFTConfig`]'s switches."""
 
     _tag_names = ["trl", "sft", "hf_ext"]
