@@ -30,7 +30,8 @@ class GRPOScriptArguments(EmbeddedDatasetArguments, TrlGRPOScriptArguments):
 
 
 def load_reward_funcs(names: list[str] | None, dataset_name: str | None) -> list:
-    """Reward functions by dotted import path; the embedded task's own reward when none is named for it."""
+    """Reward functions by dotted import path (the working directory importable), each callable; the embedded task's
+    own reward when none is named for it. What they return is checked as they run (``hf_ext.GRPOTrainer``)."""
     from hf_ext.embedded import count_reward
 
     if not names:
@@ -40,6 +41,7 @@ def load_reward_funcs(names: list[str] | None, dataset_name: str | None) -> list
             "reward_funcs is empty: name at least one reward function by dotted import path "
             "(e.g. 'trl.rewards.accuracy_reward' or 'my_module.my_reward')."
         )
+    sys.path.insert(0, os.getcwd())
     funcs = []
     for name in names:
         if name == "count_reward":
@@ -48,8 +50,15 @@ def load_reward_funcs(names: list[str] | None, dataset_name: str | None) -> list
         module_path, _, attr = name.rpartition(".")
         if not module_path:
             raise ValueError(f"reward_funcs: {name!r} is neither 'count_reward' nor a dotted import path.")
-        sys.path.insert(0, os.getcwd())
-        funcs.append(getattr(importlib.import_module(module_path), attr))
+        module = importlib.import_module(module_path)
+        func = getattr(module, attr, None)
+        if not callable(func):
+            found = f"a {type(func).__name__}" if hasattr(module, attr) else "not defined"
+            raise ValueError(
+                f"reward_funcs: {name!r} is no function ({attr!r} in module {module_path!r} is {found}). Name a "
+                "function taking prompts and completions (keyword arguments) and returning one reward per completion."
+            )
+        funcs.append(func)
     return funcs
 
 

@@ -7,11 +7,15 @@ fields before any model is loaded. Each method's wiring lives in its own mixin: 
 """
 
 import functools
+import json
 import math
+import numbers
+import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import trl
 from trl.trainer.grpo_trainer import is_async_callable
@@ -21,6 +25,7 @@ from ..papers import Paper
 from .adapter_args import adapter_peft_config, apply_adapter_switches
 from .arguments import HfExtArguments
 from .card import ModelCardMixin
+from .checkpoints import CheckpointMixin
 from .grpo_ba import BalancedAggregationMixin
 from .grpo_gtpo import GTPOMixin
 from .grpo_real import REAL_VARIANTS, RewardsAsLabelsMixin
@@ -184,6 +189,9 @@ class GRPOConfig(HfExtArguments, trl.GRPOConfig):
         )
 
     def _check_real(self) -> None:
+        """REAL's fields and, for ``"real"``, the on-policy layout. Runs after TRL's ``__post_init__`` (which
+        derives ``steps_per_generation``) and after ``HfExtArguments``' range checks, which leave it and
+        ``num_iterations`` >= 1."""
         _check(0 < self.real_tau < math.inf, f"real_tau must be a finite number > 0, got {self.real_tau}.")
         _check(
             self.real_variant in REAL_VARIANTS,
@@ -248,29 +256,49 @@ class GRPOConfig(HfExtArguments, trl.GRPOConfig):
             )
 
 
-def _require_finite_rewards(reward_func, name: str):
-    """Wrap a synchronous reward function so a NaN or infinite reward raises instead of training on it.
+REWARD_FAULT_BATCH = "reward_fault_batch_process{}.json"  # in output_dir, one per process
 
-    ``None`` stays TRL's way of marking a completion unscorable.
-    """
 
-    @functools.wraps(reward_func)
-    def checked(*args, **kwargs):
-        rewards = reward_func(*args, **kwargs)
-        bad = [(i, r) for i, r in enumerate(rewards) if r is not None and not math.isfinite(r)]
-        if bad:
-            index, value = bad[0]
-            raise ValueError(
-                f"reward_funcs: '{name}' returned a non-finite reward ({value}) for completion {index} "
-                f"({len(bad)} in this batch). Return a finite float, or None to mark a completion unscorable."
-            )
-        return rewards
+def _as_float32(reward) -> float:
+    """``reward`` as TRL stores it, in float32: +-inf where its magnitude is beyond float32's range (1e39)."""
+    try:
+        value = float(reward)
+    except OverflowError:  # an int beyond float64's range
+        return math.inf if reward > 0 else -math.inf
+    return torch.tensor(value, dtype=torch.float32).item()
 
-    return checked
+
+def _reward_output_fault(output, rewards) -> str | None:
+    """None when ``rewards`` (``output`` of a reward function, arrays and tensors as lists) is what TRL can train on: a
+    list or tuple holding per completion a real number that stays finite in float32, or None (unscorable). Otherwise
+    what is wrong, naming the first bad completion."""
+    if not isinstance(rewards, list | tuple):
+        return f"returned a {type(output).__name__} ({output!r:.80}) instead of a list with one reward per completion"
+    not_numbers = [(i, r) for i, r in enumerate(rewards) if r is not None and not isinstance(r, numbers.Real)]
+    if not_numbers:
+        index, value = not_numbers[0]
+        return (
+            f"returned a {type(value).__name__} ({value!r:.80}) for completion {index} ({len(not_numbers)} such in "
+            "this batch)"
+        )
+    non_finite = [(i, r) for i, r in enumerate(rewards) if r is not None and not math.isfinite(_as_float32(r))]
+    if non_finite:
+        index, value = non_finite[0]
+        return (
+            f"returned a non-finite reward ({value!r:.40}; {_as_float32(value)} as float32, TRL's reward dtype) for "
+            f"completion {index} ({len(non_finite)} such in this batch)"
+        )
+    return None
 
 
 class GRPOTrainer(
-    BalancedAggregationMixin, RewardsAsLabelsMixin, GTPOMixin, OptimizerMixin, ModelCardMixin, trl.GRPOTrainer
+    BalancedAggregationMixin,
+    RewardsAsLabelsMixin,
+    GTPOMixin,
+    OptimizerMixin,
+    ModelCardMixin,
+    CheckpointMixin,
+    trl.GRPOTrainer,
 ):
     """TRL's [`trl.GRPOTrainer`] that also runs hf_ext's loss types. Use with [`hf_ext.GRPOConfig`]."""
 
@@ -294,14 +322,87 @@ class GRPOTrainer(
         if hf_ext_args:
             apply_adapter_switches(args, self.model)
         self.reward_funcs = [
-            func
-            if isinstance(func, torch.nn.Module) or is_async_callable(func)
-            else _require_finite_rewards(func, name)
+            func if isinstance(func, torch.nn.Module) else self._checked_reward_func(func, name)
             for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)
         ]
         if self._hf_ext_loss is not None:
             self._tag_names = [*self._tag_names, self.loss_type]
             self._paper = self._hf_ext_loss.paper.as_trl()
+
+    # Rewards that would teach nothing are refused, with the batch saved to reproduce them.
+
+    def _checked_reward_func(self, func, name: str):
+        """``func`` (synchronous or async, as TRL calls it) returning its rewards once ``_check_reward_output``
+        accepts them."""
+        if is_async_callable(func):
+
+            @functools.wraps(func)
+            async def checked(*args, **kwargs):
+                return self._check_reward_output(name, await func(*args, **kwargs), kwargs)
+
+        else:
+
+            @functools.wraps(func)
+            def checked(*args, **kwargs):
+                return self._check_reward_output(name, func(*args, **kwargs), kwargs)
+
+        return checked
+
+    def _check_reward_output(self, name: str, output, call: dict) -> list:
+        """What reward function ``name`` returned for the call with keyword arguments ``call``, as a list, when TRL
+        can train on it (``_reward_output_fault``); otherwise saves the batch (``_save_reward_batch``) and raises
+        ``ValueError`` naming the function, the first bad completion and the file."""
+        rewards = output.tolist() if isinstance(output, torch.Tensor | np.ndarray) else output
+        fault = _reward_output_fault(output, rewards)
+        if fault is None:
+            return list(rewards)
+        self._save_reward_batch(call.get("prompts"), call.get("completions"), {name: rewards})
+        raise ValueError(
+            f"reward_funcs: '{name}' {fault}. Return a list with one finite float (within +-3.4e38) per completion, "
+            "or None for a completion it cannot score. This process's batch (prompts, completions, rewards) is "
+            f"saved in {self._reward_batch_path(self.accelerator.process_index)}."
+        )
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's rewards (completions of all processes x reward functions), refused where they would teach nothing: a
+        reward model's non-finite score, or None from every function for every completion (TRL would zero every
+        advantage). What each reward function returns is checked as it returns (``_check_reward_output``). Every
+        process sees the same gathered rewards, so all raise together; each saves its own batch."""
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        models = [i for i, func in enumerate(self.reward_funcs) if isinstance(func, torch.nn.Module)]
+        bad_scores = (~torch.isfinite(rewards[:, models])).nonzero()
+        unscored = bool(rewards.isnan().all())
+        if not (len(bad_scores) or unscored):
+            return rewards
+        local = rewards[self._local_rows(len(prompts))].T.tolist()  # NaN: None, or a reward model's NaN
+        self._save_reward_batch(prompts, completions, dict(zip(self.reward_func_names, local, strict=True)))
+        if len(bad_scores):
+            row, column = bad_scores[0].tolist()
+            process, index = divmod(row, len(prompts))
+            raise ValueError(
+                f"reward_funcs: reward model '{self.reward_func_names[models[column]]}' scored completion {index} "
+                f"{rewards[row, models[column]].item()} ({len(bad_scores)} non-finite scores in this batch); a "
+                "reward model has no way to mark a completion unscorable. Check its weights and score head (and "
+                f"the dtype it runs in). The batch is saved in {self._reward_batch_path(process)}."
+            )
+        raise ValueError(
+            f"reward_funcs: every reward function ({', '.join(self.reward_func_names)}) returned None for all "
+            f"{len(rewards)} completions of this batch: with nothing scored, every advantage is 0 and the step "
+            "teaches nothing. None marks a completion a function cannot score; return a number for those it can. "
+            f"This process's batch is saved in {self._reward_batch_path(self.accelerator.process_index)}."
+        )
+
+    def _reward_batch_path(self, process: int) -> str:
+        return os.path.join(self.args.output_dir, REWARD_FAULT_BATCH.format(process))
+
+    def _save_reward_batch(self, prompts, completions, rewards: dict) -> None:
+        """This process's batch as JSON in output_dir, to reproduce a reward fault: the global step, the prompts,
+        the completions and ``rewards`` (reward function name -> its rewards for them, as returned or as TRL stored
+        them: NaN for None)."""
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        batch = {"step": self.state.global_step, "prompts": prompts, "completions": completions, "rewards": rewards}
+        with open(self._reward_batch_path(self.accelerator.process_index), "w") as handle:
+            json.dump(batch, handle, indent=1, default=repr)
 
     @property
     def _hf_ext_loss(self) -> LossType | None:
