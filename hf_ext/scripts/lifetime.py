@@ -88,6 +88,8 @@ def _stop_descendants(signum: int) -> list:
     for process in alive:
         with suppress(psutil.NoSuchProcess):
             process.kill()
+    for each in STOP_SIGNALS:  # killed already: a further signal has nothing left to hasten, and must not interrupt
+        signal.signal(each, signal.SIG_IGN)
     return _wait_ended(alive, STOP_GRACE_S)
 
 
