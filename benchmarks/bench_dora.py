@@ -7,10 +7,9 @@ weights copied into both models:
    ratio PEFT/fast (goal: on an H100 in bf16, at least 2x at r=384);
 2. peak transient memory of the weight-norm computation alone: ``hf_ext.kernels.dora_norm.factored_row_norm``
    against PEFT's ``get_lora_weight`` (the dense B A, formed through an identity) plus ``get_weight_norm``
-   (goal: fast below 5% of PEFT's at d=4096, r=384). On CUDA: ``torch.cuda.max_memory_allocated`` above the
-   allocation before the call. On CPU (Linux): each measurement in a fresh subprocess with
-   ``MALLOC_MMAP_THRESHOLD_=131072`` and 2 threads; after a warm-up call VmHWM is reset (``/proc/self/clear_refs``)
-   and the transient is VmHWM after one call minus VmRSS before it;
+   (goal: fast below 5% of PEFT's at d=4096, r=384), measured after a warm-up call by ``peak_memory``: on CUDA
+   the allocator's peak above the allocation before the call, on CPU (Linux) the peak resident-set growth, each
+   measurement in a fresh subprocess with 2 threads;
 3. max relative error of the fast layer's output against PEFT's (sanity check);
 4. a small model step (``--step_ranks``): a Qwen2 (hidden 1024, 2 layers) with DoRA on all seven linears, one
    training step (forward, loss, backward, AdamW) on 4 x 128 tokens: median time, fast and PEFT interleaved, and
@@ -22,6 +21,7 @@ weights copied into both models:
 """
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -29,6 +29,7 @@ import sys
 
 import peft
 import torch
+from peak_memory import FRESH_PROCESS_ENV, cpu_transient_bytes, cuda_transient_bytes
 from peft import LoraConfig, get_peft_model
 from timing import interleaved_medians_ms
 from torch import nn
@@ -39,8 +40,7 @@ from hf_ext.peft import enable_fast_dora
 
 TOKENS = 256
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MEM_FLAG = "--_mem-child"
-STEP_FLAG = "--_step-child"
+CHILD_FLAG = "--_memory-child"
 STEP_BATCH = (4, 128)  # sequences x tokens of the small-model step
 SMALL_MODEL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -118,34 +118,6 @@ def time_model_step(r: int, dtype: torch.dtype, device: str, repeats: int) -> tu
     return times["fast"], times["peft"]
 
 
-def step_peak_child(method: str, r: int, dtype_name: str) -> None:
-    """Runs in a fresh process: prints the CPU peak-RSS growth of one training step (after a warm-up step)."""
-    torch.set_num_threads(2)
-    model, optimizer = build_small_model(method == "fast", r, DTYPES[dtype_name], "cpu")
-    batch = step_batch("cpu")
-    train_step(model, optimizer, batch)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = proc_kib("VmRSS")
-    train_step(model, optimizer, batch)
-    print(json.dumps({"transient": max(0, proc_kib("VmHWM") - before) * 1024}))
-
-
-def step_peak_cuda(method: str, r: int, dtype: torch.dtype) -> int:
-    model, optimizer = build_small_model(method == "fast", r, dtype, "cuda")
-    batch = step_batch("cuda")
-    train_step(model, optimizer, batch)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    train_step(model, optimizer, batch)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del model, optimizer
-    torch.cuda.empty_cache()
-    return peak
-
-
 def fwd_bwd(model, x, grad) -> torch.Tensor:
     for p in model.parameters():
         p.grad = None
@@ -187,53 +159,39 @@ def norm_fn(method: str, layer):
     return fast if method == "fast" else reference
 
 
-def proc_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def workload(kind: str, method: str, device: str, *args):
+    """The call whose transient is measured: ``"norm"``, one weight-norm call of a layer (args d, r, dtype name),
+    or ``"step"``, one training step of the small model (args r, dtype name); ``method`` "fast" or "peft"."""
+    if kind == "norm":
+        d, r, dtype_name = args
+        fast, ref = build_pair(int(d), int(r), DTYPES[dtype_name], device)
+        return norm_fn(method, (fast if method == "fast" else ref).base_model.model.proj)  # holds only what it reads
+    r, dtype_name = args
+    model, optimizer = build_small_model(method == "fast", int(r), DTYPES[dtype_name], device)
+    return functools.partial(train_step, model, optimizer, step_batch(device))
 
 
-def mem_child(method: str, d: int, r: int, dtype_name: str) -> None:
-    """Runs in a fresh process: prints the CPU transient bytes of one weight-norm call as JSON."""
+def memory_child(kind: str, method: str, *args) -> None:
+    """Runs in a fresh process: prints the CPU transient bytes of one ``workload`` call as JSON."""
     torch.set_num_threads(2)
-    fast, ref = build_pair(d, r, DTYPES[dtype_name], "cpu")
-    layer = (fast if method == "fast" else ref).base_model.model.proj
-    del fast, ref  # the layer keeps its own parameters alive; the other model is freed
-    fn = norm_fn(method, layer)
+    fn = workload(kind, method, "cpu", *args)
     fn()  # warm-up
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = proc_kib("VmRSS")
-    result = fn()
-    peak = proc_kib("VmHWM")
-    del result
-    print(json.dumps({"transient": max(0, peak - before) * 1024}))
+    print(json.dumps({"transient": cpu_transient_bytes(fn)}))
 
 
-def transient_cpu(flag: str, method: str, *args) -> int:
-    """The transient a child process measures (``MEM_FLAG``: one norm call; ``STEP_FLAG``: one model step)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    cmd = [sys.executable, os.path.abspath(__file__), flag, method, *map(str, args)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])["transient"]
-
-
-def transient_cuda(method: str, d: int, r: int, dtype: torch.dtype) -> int:
-    fast, ref = build_pair(d, r, dtype, "cuda")
-    layer = (fast if method == "fast" else ref).base_model.model.proj
-    fn = norm_fn(method, layer)
+def transient_bytes(kind: str, method: str, device: str, *args) -> int:
+    """Transient of one ``workload`` call after a warm-up: in this process on CUDA, in a fresh one on CPU."""
+    if device == "cpu":
+        cmd = [sys.executable, os.path.abspath(__file__), CHILD_FLAG, kind, method, *map(str, args)]
+        env = dict(os.environ, **FRESH_PROCESS_ENV)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])["transient"]
+    fn = workload(kind, method, device, *args)
     fn()  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    result = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del result, layer, fn, fast, ref
+    transient = cuda_transient_bytes(fn)
+    del fn
     torch.cuda.empty_cache()
-    return peak - before
+    return transient
 
 
 def mib(n: int) -> str:
@@ -241,13 +199,8 @@ def mib(n: int) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == MEM_FLAG:
-        method, d, r, dtype_name = sys.argv[2:6]
-        mem_child(method, int(d), int(r), dtype_name)
-        return
-    if len(sys.argv) > 1 and sys.argv[1] == STEP_FLAG:
-        method, r, dtype_name = sys.argv[2:5]
-        step_peak_child(method, int(r), dtype_name)
+    if len(sys.argv) > 1 and sys.argv[1] == CHILD_FLAG:
+        memory_child(*sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -276,10 +229,7 @@ def main() -> None:
             for dtype_name in args.dtypes:
                 dtype = DTYPES[dtype_name]
                 t_fast, t_peft, rel_err = time_layer(d, r, dtype, args.device, args.repeats)
-                if args.device == "cuda":
-                    m_fast, m_peft = (transient_cuda(m, d, r, dtype) for m in ("fast", "peft"))
-                else:
-                    m_fast, m_peft = (transient_cpu(MEM_FLAG, m, d, r, dtype_name) for m in ("fast", "peft"))
+                m_fast, m_peft = (transient_bytes("norm", m, args.device, d, r, dtype_name) for m in ("fast", "peft"))
                 pct = f"{100 * m_fast / m_peft:.1f}%" if m_peft > 0 else "n/a"
                 print(
                     f"| {d} | {r} | {dtype_name} | {t_fast:.2f} | {t_peft:.2f} | {t_peft / t_fast:.2f}x "
@@ -299,10 +249,7 @@ def main() -> None:
     for r in args.step_ranks:
         for dtype_name in args.dtypes:
             t_fast, t_peft = time_model_step(r, DTYPES[dtype_name], args.device, args.repeats)
-            if args.device == "cuda":
-                m_fast, m_peft = (step_peak_cuda(m, r, DTYPES[dtype_name]) for m in ("fast", "peft"))
-            else:
-                m_fast, m_peft = (transient_cpu(STEP_FLAG, m, r, dtype_name) for m in ("fast", "peft"))
+            m_fast, m_peft = (transient_bytes("step", m, args.device, r, dtype_name) for m in ("fast", "peft"))
             print(
                 f"| {r} | {dtype_name} | {t_fast:.1f} | {t_peft:.1f} | {t_peft / t_fast:.2f}x | {mib(m_fast)} "
                 f"| {mib(m_peft)} | {100 * m_fast / max(m_peft, 1):.0f}% |",

@@ -77,12 +77,12 @@ def measure(trainer: GRPOTrainer, rows: int, width: int, device: str, repeats: i
     entropies = torch.ones_like(logps)
     trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logps, entropies, None)
     ba_batch = dict(batch)
-    trainer._prepare_ba(ba_batch, "train")
+    trainer.grpo_loss.prepare(ba_batch, "train")
     return interleaved_medians_ms(
         {
             "dapo": lambda: loss_step(trainer, "dapo", batch, logps),
             "ba": lambda: loss_step(trainer, "ba", ba_batch, logps),
-            "gen": lambda: trainer._prepare_ba(dict(batch), "train"),
+            "gen": lambda: trainer.grpo_loss.prepare(dict(batch), "train"),
         },
         device,
         repeats,

@@ -19,6 +19,7 @@ from timing import timed_ms
 
 from hf_ext.embedded import build_tiny_model, build_tokenizer, count_sft_dataset
 from hf_ext.optim import AdamW4bit, AdamW4bitFactor
+from hf_ext.optim.adamw4bit import state_nbytes
 
 
 def anchors(device: str) -> dict:
@@ -53,19 +54,6 @@ def llama_like_params(device: str, scale: int) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.randn(shape, generator=generator).to(device)) for shape in shapes]
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if torch.is_tensor(value):
-                inner = [
-                    getattr(value, name) for name in getattr(value, "__tensor_flatten__", lambda: ([], None))()[0]
-                ]
-                tensors = inner or [value]
-                total += sum(t.numel() * t.element_size() for t in tensors)
-    return total
-
-
 def fake_gradients(params, generator):
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator).to(p.device) * 1e-2
@@ -86,7 +74,7 @@ def memory_and_speed(factories: dict, device: str, scale: int, steps: int) -> No
             if step >= 2:
                 times.append(elapsed)
         numel = sum(p.numel() for p in params)
-        results[name] = (state_bytes(optimizer) / numel, statistics.median(times))
+        results[name] = (state_nbytes(optimizer) / numel, statistics.median(times))
     reference = next(iter(results.values()))[1]
     int8 = results.get("bitsandbytes AdamW8bit", (None, float("nan")))[1]
     for name, (bytes_per_param, ms) in results.items():
@@ -133,7 +121,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scale", type=int, default=4, help="hidden size = 256 * scale")
     parser.add_argument("--timed_steps", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=25, help="fine-tune steps (the loss is still ~0.85; ~0 by 200)")
+    parser.add_argument(
+        "--steps", type=int, default=25, help="fine-tune steps (few enough that the loss is still falling)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     cli = parser.parse_args()
     print(f"torch {torch.__version__}, device {cli.device}")

@@ -11,7 +11,17 @@ __version__ = "0.1.0"
 
 _LAZY_EXPORTS = {
     name: "hf_ext.trainers"
-    for name in ("GRPOConfig", "GRPOTrainer", "SFTConfig", "SFTTrainer", "optimizer_cls_and_kwargs")
+    for name in (
+        "GRPOConfig",
+        "GRPOTrainer",
+        "GRPOLoss",
+        "ClippedGRPOLoss",
+        "register_grpo_loss",
+        "grpo_losses",
+        "SFTConfig",
+        "SFTTrainer",
+        "optimizer_cls_and_kwargs",
+    )
 }
 __all__ = [*_LAZY_EXPORTS, "__version__"]
 

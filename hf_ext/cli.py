@@ -66,6 +66,7 @@ def accelerate_launch_args(launch_args: list[str], training_args, model_args) ->
     (accelerate's multi-GPU launcher, which two CPU ranks need, does not forward it)."""
     import yaml
 
+    from hf_ext.scripts.accelerate_compat import export_use_cpu, file_distribution
     from hf_ext.scripts.common import check_composition
 
     if "--accelerate_config" in launch_args:
@@ -78,13 +79,10 @@ def accelerate_launch_args(launch_args: list[str], training_args, model_args) ->
     if "--config_file" in launch_args:
         with open(launch_args[launch_args.index("--config_file") + 1]) as handle:
             config = yaml.safe_load(handle) or {}
-    deepspeed_config_file = (config.get("deepspeed_config") or {}).get("deepspeed_config_file")
-    fsdp_version = (
-        (config.get("fsdp_config") or {}).get("fsdp_version") if config.get("distributed_type") == "FSDP" else None
-    )
+    fsdp_version, deepspeed_config_file = file_distribution(config)
     check_composition(training_args, model_args, deepspeed_config_file, fsdp_version)
     if config.get("use_cpu"):
-        os.environ["ACCELERATE_USE_CPU"] = "true"
+        export_use_cpu()
     return launch_args
 
 
@@ -94,17 +92,13 @@ def with_launch_defaults(args):
     to and warn about filled in where not given: one process per accelerator device (at least one), one machine, no
     mixed precision (the Trainer applies the training arguments' own), no dynamo."""
     import torch
-    from accelerate.commands.config import default_config_file
+
+    from hf_ext.scripts.accelerate_compat import LAUNCH_DEFAULTS, default_config_file
 
     if args.config_file is not None or (os.path.isfile(default_config_file) and not args.cpu):
         return args
-    defaults = {
-        "num_processes": max(torch.accelerator.device_count(), 1),
-        "num_machines": 1,
-        "mixed_precision": "no",
-        "dynamo_backend": "no",
-    }
-    for name, value in defaults.items():
+    values = (max(torch.accelerator.device_count(), 1), 1, "no", "no")
+    for name, value in zip(LAUNCH_DEFAULTS, values, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
@@ -118,8 +112,7 @@ def launch_training(command: str, argv: list[str]) -> int:
     from hf_ext.scripts.quiet import muted_import_notices
 
     with muted_import_notices():  # the HF stack's first import in this process
-        from accelerate.commands.launch import launch_command, launch_command_parser
-
+        from hf_ext.scripts.accelerate_compat import launch_command, launch_command_parser
         from hf_ext.scripts.common import parse_recipe
         from hf_ext.scripts.lifetime import launched_run
         from hf_ext.scripts.overwrite import refuse_overwrite
@@ -138,27 +131,13 @@ def launch_training(command: str, argv: list[str]) -> int:
 
 
 def print_env() -> int:
-    from importlib.metadata import PackageNotFoundError, version
-
     import torch
 
+    from hf_ext.versions import installed_versions
+
     print(f"platform: {platform.platform()}\npython: {platform.python_version()}")
-    for name in (
-        "hf-ext",
-        "torch",
-        "transformers",
-        "trl",
-        "peft",
-        "accelerate",
-        "datasets",
-        "triton",
-        "bitsandbytes",
-        "huggingface_hub",
-    ):
-        try:
-            print(f"{name}: {version(name)}")
-        except PackageNotFoundError:
-            print(f"{name}: not installed")
+    for name, found in installed_versions().items():
+        print(f"{name}: {found or 'not installed'}")
     print(f"cuda available: {torch.cuda.is_available()}")
     return 0
 

@@ -1,6 +1,6 @@
-"""The papers behind hf_ext's methods: what model cards name and cite, in one place."""
+"""The papers behind hf_ext's methods, and ``Method``, the record of one method that a model card lists."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -9,9 +9,16 @@ class Paper:
     arxiv_id: str
     citation: str  # BibTeX
 
-    def as_trl(self) -> dict:
-        """The ``_paper`` dict TRL's trainers carry for their model cards."""
-        return {"title": self.title, "id": self.arxiv_id, "citation": self.citation}
+
+@dataclass
+class Method:
+    """One hf_ext method used in a run, as the model card lists it: its label, its Hub tag, its papers and the
+    hyper-parameters that define it. Each method builds its own (``card_section``); the card only renders them."""
+
+    name: str
+    tag: str
+    papers: tuple[Paper, ...]
+    hyperparameters: dict = field(default_factory=dict)
 
 
 def _bibtex(key: str, title: str, authors: str, arxiv_id: str, year: int) -> str:

@@ -34,12 +34,12 @@ def isolated_environment():
 
 @pytest.fixture
 def local_hub(tmp_path, monkeypatch):
-    """(endpoint, store dir) of a running tests/scripts/local_hub.py, with huggingface_hub pointed at it and online
+    """(endpoint, store dir) of a running tests/launched/local_hub.py, with huggingface_hub pointed at it and online
     (its constants are read at import, so they are patched here rather than set in the environment)."""
     from huggingface_hub import constants
 
     port_file, store = tmp_path / "port", tmp_path / "store"
-    script = Path(__file__).parent / "scripts" / "local_hub.py"
+    script = Path(__file__).parent / "launched" / "local_hub.py"
     server = subprocess.Popen([sys.executable, str(script), str(port_file), str(store)])
     deadline = time.time() + 30
     while not port_file.exists() or not port_file.read_text():

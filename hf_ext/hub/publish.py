@@ -6,7 +6,7 @@ import os
 import yaml
 from huggingface_hub import HfApi, constants, get_token
 
-from .card import SECRET_KEY
+from .recipe import SECRET_KEY
 
 
 RECIPE_PATTERNS = ["*.yaml", "*.yml", "*.md"]

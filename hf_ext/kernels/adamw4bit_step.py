@@ -1,6 +1,6 @@
 """One fused 4-bit AdamW step per parameter — Li, Chen & Zhu, arXiv 2309.01507 (4-bit AdamW, lpmm's update order).
 
-For each element, with m and v dequantized from their 4-bit codes (``hf_ext.optim.quant``):
+For each element, with m and v dequantized from their 4-bit codes (``hf_ext.kernels.quant4``):
 
     p <- p * (1 - lr * wd)
     m <- m + (1 - beta1) * (g - m)
@@ -14,7 +14,8 @@ sqrt are correctly rounded (``div_rn``/``sqrt_rn``; the CPU twin takes sqrt via 
 CPU results independent of the CPU's vendor and vector extensions. ``next_m``, ``next_v`` and ``stepped_param``
 are these element-wise ops; the optimizer's fp32-state and factored paths call them too.
 
-- ``adamw4bit_step_torch``: the pure-torch twin; works on (num_blocks, block_size) tiles exactly as the kernel does;
+- ``adamw4bit_step_torch``: the pure-torch twin: the element-wise ops on the flat tensors, then the quantizers of
+  ``hf_ext.kernels.quant4`` (the same blocks, scales and nearest-code rule the kernel applies);
 - ``adamw4bit_step_triton``: a Triton kernel, one program per ``BLOCKS_PER_PROGRAM`` quantization blocks, that
   dequantizes, updates, writes the parameter and requantizes in one pass. Block-wise v is done fully in the kernel;
   rank-1 v (2-D after squeezing) needs the new v's row/column maxima before any code can be chosen, so they are
@@ -32,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_ext.kernels import quant4
 from hf_ext.kernels.dispatch import tl, triton, use_triton  # noqa: F401 (tl: used by the kernel when triton imports)
-from hf_ext.optim import quant
 
 
 BLOCKS_PER_PROGRAM = 4
@@ -53,6 +54,8 @@ class StepScalars:
 
     @classmethod
     def from_group(cls, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float):
+        """``decay = 1 - lr wd``, ``neg_step_size = -lr / (1 - beta1^t)``, ``bias_correction2_sqrt = sqrt(1 -
+        beta2^t)`` and the betas' complements, evaluated in Python floats for step ``t = step`` (1-based)."""
         return cls(
             decay=1 - lr * weight_decay,
             one_minus_beta1=1 - beta1,
@@ -75,7 +78,24 @@ def adamw4bit_step(
     block_size: int,
     v_rank1: bool,
 ) -> None:
-    """In place: update ``param`` and requantize m, v. ``v_scales`` = [absmax] (block) or rank-1 statistics."""
+    """One AdamW step of one parameter with 4-bit m and v (module docstring; arXiv 2309.01507), all in place.
+
+    Args:
+        param: the parameter, N elements, fp32, bf16 or fp16; overwritten with the stepped value in its dtype.
+        grad: its gradient, the shape of ``param``, finite (any float dtype, upcast to fp32).
+        m_codes: uint8 (ceil(N / 2),) packed DE-map codes of m; rewritten with the new m's codes.
+        m_absmax: fp32 (ceil(N / block_size),) block scales of m; rewritten.
+        v_codes: uint8 (ceil(N / 2),) packed linear-map codes of v; rewritten.
+        v_scales: ``[absmax]``, fp32 (ceil(N / block_size),), for block-wise v, or the rank-1 statistics, one
+            fp32 (n_k,) vector per dimension of ``squeezed_shape(param.shape)``; rewritten.
+        scalars: the step's hyper-parameters (``StepScalars.from_group``).
+        block_size: elements per quantisation block, a power of two >= 2.
+        v_rank1: True for rank-1 v scales, False for block-wise.
+
+    Returns:
+        None. Runs the Triton kernel where ``hf_ext.kernels.dispatch.use_triton`` allows it (contiguous ``param``,
+        rank-1 v of at most two non-singleton dimensions), the torch twin otherwise.
+    """
     if use_triton(param, "adamw4bit_step") and param.is_contiguous() and (not v_rank1 or len(v_scales) == 2):
         adamw4bit_step_triton(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1)
     else:
@@ -83,28 +103,39 @@ def adamw4bit_step(
 
 
 def next_m(m: torch.Tensor, grad: torch.Tensor, s: StepScalars) -> torch.Tensor:
-    """m + (1 - beta1) * (g - m), three separately rounded fp32 ops."""
+    """New first moment ``m + (1 - beta1) * (g - m)``, three separately rounded fp32 ops.
+
+    Args:
+        m: fp32 old m; grad: fp32 gradient, broadcastable to ``m``; s: the step's scalars.
+
+    Returns:
+        fp32, the broadcast shape.
+    """
     return m + s.one_minus_beta1 * (grad - m)
 
 
 def next_v(v: torch.Tensor, grad: torch.Tensor, s: StepScalars) -> torch.Tensor:
-    """v * beta2 + ((1 - beta2) * g) * g, four separately rounded fp32 ops."""
+    """New second moment ``v * beta2 + ((1 - beta2) * g) * g``, four separately rounded fp32 ops.
+
+    Args:
+        v: fp32 old v (>= 0); grad: fp32 gradient, broadcastable to ``v``; s: the step's scalars.
+
+    Returns:
+        fp32 (>= 0), the broadcast shape.
+    """
     return v * s.beta2 + (s.one_minus_beta2 * grad) * grad
 
 
 def stepped_param(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: StepScalars) -> torch.Tensor:
-    """p * decay + (neg_step_size * m) / (sqrt_rn(v) / sqrt(1 - beta2^t) + eps) in fp32, from the new m and v."""
+    """The stepped parameter ``p * decay + (neg_step_size * m) / (sqrt_rn(v) / sqrt(1 - beta2^t) + eps)``.
+
+    Args:
+        p: fp32 parameter; m, v: fp32 new moments (not re-quantized), the shape of ``p``; s: the step's scalars.
+
+    Returns:
+        fp32, the shape of ``p``.
+    """
     return p * s.decay + (s.neg_step_size * m) / (_sqrt_rn(v) / s.bias_correction2_sqrt + s.eps)
-
-
-def _dequantize_v(v_codes, v_scales, numel, block_size, v_rank1):
-    """Old v as (num_blocks, block_size) tiles; padding holds garbage that the caller masks."""
-    lin = quant.linear_map(v_codes.device)
-    if not v_rank1:
-        codes = quant.as_blocks(quant.unpack_4bit(v_codes, numel), block_size).long()
-        return lin[codes] * v_scales[0][:, None]
-    scale = quant.rank1_scale(v_scales).flatten()
-    return quant.as_blocks(lin[quant.unpack_4bit(v_codes, numel).long()] * scale, block_size)
 
 
 def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
@@ -117,42 +148,63 @@ def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.double()).float() if x.device.type == "cpu" else torch.sqrt(x)
 
 
+def step_quantized_m(
+    m_codes: torch.Tensor, m_absmax: torch.Tensor, grad: torch.Tensor, scalars: StepScalars, block_size: int
+) -> torch.Tensor:
+    """Block-wise 4-bit m through one step: dequantize, ``next_m``, requantize into ``m_codes``/``m_absmax``.
+
+    Args:
+        m_codes: uint8 (ceil(N / 2),) packed DE-map codes; rewritten.
+        m_absmax: fp32 (ceil(N / block_size),) block scales; rewritten.
+        grad: fp32 gradient, N elements, any shape.
+        scalars: the step's scalars.
+        block_size: elements per block, even.
+
+    Returns:
+        The new m before quantisation, fp32, the shape of ``grad``.
+    """
+    de = quant4.dynamic_exponent_map(m_codes.device)
+    m = next_m(quant4.dequantize_blockwise(m_codes, m_absmax, de, grad.shape, block_size), grad, scalars)
+    codes, absmax = quant4.quantize_blockwise(m, de, block_size)
+    m_codes.copy_(codes)
+    m_absmax.copy_(absmax)
+    return m
+
+
 def rank1_next_statistics(grad, v_codes, v_scales: list[torch.Tensor], scalars: StepScalars) -> list[torch.Tensor]:
-    """Row/column (per-dimension) maxima of the new v (``next_v``), before it is quantized."""
+    """Per-dimension maxima of the new rank-1 v (``next_v`` of the dequantized old v), before it is quantized.
+
+    Args:
+        grad: the gradient, N elements (upcast to fp32).
+        v_codes: uint8 (ceil(N / 2),) packed linear-map codes of the old v.
+        v_scales: the old rank-1 statistics, fp32 (n_k,) vectors with prod_k n_k = N.
+        scalars: the step's scalars.
+
+    Returns:
+        The new statistics, fp32 (n_k,) vectors (``quant4.rank1_statistics``).
+    """
     shape = tuple(stat.numel() for stat in v_scales)
-    lin = quant.linear_map(v_codes.device)
-    old = lin[quant.unpack_4bit(v_codes, grad.numel()).long()].view(shape) * quant.rank1_scale(v_scales)
-    return quant.rank1_statistics(next_v(old, grad.float().reshape(shape), scalars))
+    old = quant4.dequantize_rank1(v_codes, v_scales, quant4.linear_map(v_codes.device), shape)
+    return quant4.rank1_statistics(next_v(old, grad.float().reshape(shape), scalars))
 
 
 def adamw4bit_step_torch(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1) -> None:
-    """Pure-torch twin of the kernel, on the same (num_blocks, block_size) tiles; see the module docstring."""
-    numel, de, lin = param.numel(), quant.dynamic_exponent_map(param.device), quant.linear_map(param.device)
-    valid = quant.as_blocks(torch.ones(numel, dtype=torch.bool, device=param.device), block_size)
-    p = quant.as_blocks(param.detach().float(), block_size)
-    g = quant.as_blocks(grad.float(), block_size)
-    m = de[quant.as_blocks(quant.unpack_4bit(m_codes, numel), block_size).long()] * m_absmax[:, None]
-    v = _dequantize_v(v_codes, v_scales, numel, block_size, v_rank1)
-
-    m = torch.where(valid, next_m(m, g, scalars), 0.0)
-    v = torch.where(valid, next_v(v, g, scalars), 0.0)
-    param.copy_(stepped_param(p, m, v, scalars).flatten()[:numel].view_as(param))
-
-    m_scale = m.abs().amax(dim=1)
-    m_q = quant.nearest_code(m / quant.safe_scale(m_scale)[:, None], de)
+    """Pure-torch twin of the kernel, same arguments and in-place results as ``adamw4bit_step``."""
+    numel, lin = param.numel(), quant4.linear_map(param.device)
+    g = grad.float().flatten()
+    m = step_quantized_m(m_codes, m_absmax, g, scalars, block_size)
     if v_rank1:
-        new_stats = quant.rank1_statistics(v.flatten()[:numel].view([stat.numel() for stat in v_scales]))
-        v_q = quant.nearest_code(v.flatten()[:numel] / quant.safe_scale(quant.rank1_scale(new_stats)).flatten(), lin)
-        for stat, new in zip(v_scales, new_stats, strict=True):
-            stat.copy_(new)
+        shape = tuple(stat.numel() for stat in v_scales)
+        v = next_v(quant4.dequantize_rank1(v_codes, v_scales, lin, (numel,)), g, scalars)
+        codes, new_scales = quant4.quantize_rank1(v.view(shape), lin)
     else:
-        v_scale = v.amax(dim=1)
-        v_q = quant.nearest_code(v / quant.safe_scale(v_scale)[:, None], lin)
-        v_scales[0].copy_(v_scale)
-        v_q = v_q.flatten()[:numel]
-    m_codes.copy_(quant.pack_tile(m_q, numel))
-    m_absmax.copy_(m_scale)
-    v_codes.copy_(quant.pack_4bit(v_q))
+        v = next_v(quant4.dequantize_blockwise(v_codes, v_scales[0], lin, (numel,), block_size), g, scalars)
+        codes, absmax = quant4.quantize_blockwise(v, lin, block_size)
+        new_scales = [absmax]
+    param.copy_(stepped_param(param.detach().float().flatten(), m, v, scalars).view_as(param))
+    v_codes.copy_(codes)
+    for scale, new in zip(v_scales, new_scales, strict=True):
+        scale.copy_(new)
 
 
 def adamw4bit_step_triton(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1) -> None:
@@ -166,7 +218,7 @@ def adamw4bit_step_triton(param, grad, m_codes, m_absmax, v_codes, v_scales, sca
     numel, device = param.numel(), param.device
     if not (param.is_contiguous() and grad.is_contiguous()):
         raise ValueError("adamw4bit_step_triton needs contiguous param and grad")
-    de, lin = quant.dynamic_exponent_map(device), quant.linear_map(device)
+    de, lin = quant4.dynamic_exponent_map(device), quant4.linear_map(device)
     if v_rank1:
         old_row, old_col = v_scales
         new_row, new_col = rank1_next_statistics(grad, v_codes, v_scales, scalars)
@@ -174,11 +226,11 @@ def adamw4bit_step_triton(param, grad, m_codes, m_absmax, v_codes, v_scales, sca
     else:
         old_row = old_col = new_row = new_col = v_scales[0]  # unused placeholders
         n_cols = 1
-    blocks = quant.num_blocks(numel, block_size)
+    blocks = quant4.num_blocks(numel, block_size)
     grid = (math.ceil(blocks / BLOCKS_PER_PROGRAM),)
     _adamw4bit_kernel[grid](
         param, grad, m_codes, m_absmax, v_codes, v_scales[0], old_row, old_col, new_row, new_col,
-        de, quant.code_midpoints(de).contiguous(), lin, quant.code_midpoints(lin).contiguous(),
+        de, quant4.code_midpoints(de).contiguous(), lin, quant4.code_midpoints(lin).contiguous(),
         numel, blocks, n_cols,
         scalars.decay, scalars.one_minus_beta1, scalars.beta2, scalars.one_minus_beta2,
         scalars.bias_correction2_sqrt, scalars.neg_step_size, scalars.eps,

@@ -5,7 +5,7 @@ and the detached fp32 weight row norm ``n`` (``hf_ext.kernels.dora_norm``), per 
 
     g      = m / max(n, 1e-12)                                  (fp32; n is a constant: no gradient)
     base   = result - bias   (eval, or no dropout: PEFT reuses the base output)  |  W dropout(x)  (given)
-    y      = result + ((g - 1) * base + g * lora * s)           (PEFT 0.21.2's stable form and product order)
+    y      = result + ((g - 1) * base + g * lora * s)           (PEFT's stable form and product order)
 
     d_result = g * dy  (base derived from result)  |  dy  (base given)      d_base = (g - 1) * dy
     d_lora   = g * s * dy                                                   d_bias = -(g - 1) * sum_t dy
@@ -96,7 +96,7 @@ def compose_backward_torch(dy, g, inner, scaling: float, base_shift: float, main
         step = max(1, TWIN_CHUNK_BYTES // max(1, 4 * d_out))
         dm_sum = torch.zeros(d_out, dtype=cdt, device=dy.device)
         for start in range(0, n_tokens, step):  # one fp32 partial per token chunk, summed
-            # vecdot, not einsum("td,td->d"): on CPU the einsum runs as d_out tiny batched matmuls, ~50x slower
+            # vecdot, not einsum("td,td->d"): on CPU the einsum runs as d_out tiny batched matmuls
             dm_sum += torch.linalg.vecdot(dyc[start : start + step], inner[start : start + step].to(cdt), dim=0)
     return d_main, d_lora, dm_sum
 
@@ -263,10 +263,30 @@ def _shaped(t, shape):
 
 
 def dora_compose(result, lora, magnitude, norm, scaling: float, base=None, bias=None) -> torch.Tensor:
-    """DoRA's layer output ``result + (g - 1) base + g lora s`` (module docstring), differentiable except in ``norm``.
+    """DoRA's layer output (arXiv 2402.09353), fused: with ``g = m / max(n, 1e-12)`` per output feature,
 
-    ``result``, ``lora`` and ``base`` (if given): (..., d_out); ``magnitude``, ``norm`` and ``bias``: (d_out,).
-    Leave ``base`` None to use ``result - bias`` (PEFT's eval / no-dropout path); ``bias`` is ignored otherwise.
+        y = result + ((g - 1) * base + g * lora * s),    base = result - bias unless given
+
+    differentiable in ``result``, ``base``, ``bias``, ``lora`` and ``magnitude`` (gradients in the module docstring),
+    not in ``norm``. Runs the Triton kernels on CUDA tensors in fp32/bf16/fp16, the torch twin elsewhere
+    (``hf_ext.kernels.dispatch``); without any input needing a gradient, the forward alone.
+
+    Args:
+        result: the base layer's output, bias included, (..., d_out), any float dtype.
+        lora: the unscaled LoRA output ``B A x``, the shape of ``result``.
+        magnitude: m, (d_out,) (PEFT's ``lora_magnitude_vector`` weight).
+        norm: n, the weight row norm (``hf_ext.kernels.dora_norm.factored_row_norm``), (d_out,).
+        scaling: s, a Python float.
+        base: the base layer's output without bias on the dropped-out input, the shape of ``result``; None (PEFT's
+            eval / no-dropout path) derives it as ``result - bias``.
+        bias: the base layer's bias, (d_out,), or None; ignored when ``base`` is given.
+
+    Returns:
+        y, the shape of ``result``, in the promoted dtype of ``result``, ``lora`` and ``base``; computed in fp32 (or
+        wider, for fp64 inputs) and rounded once.
+
+    Raises:
+        ValueError: when ``lora``/``base`` do not have the shape of ``result`` or the vectors are not (d_out,).
     """
     d_out = result.shape[-1]
     shaped = {"lora": lora, "base": base}

@@ -36,8 +36,7 @@ import torch
 from hf_ext.kernels.dispatch import tl, triton, use_triton  # noqa: F401 (tl: used by the kernel when triton imports)
 
 
-# 4 MiB: at d = 4096 (CPU) the bf16-base transient is about 4 MiB (3% of PEFT's) at r = 16 and r = 384, in about
-# the time of a 16 MiB budget; see benchmarks/results/bench_dora_cpu.md.
+# Budget for the fp32 temporaries of one call; benchmarks/bench_dora.py measures the transient and time it gives.
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 BLOCK_M = 32
 BLOCK_R = 32
@@ -67,7 +66,10 @@ def rows_per_chunk(
     """Output rows per chunk: fixed fp32 part (G, output, A if upcast) plus per row (U, B G, the W row's
     ``weight_row_bytes`` (default: a fp32 copy) and the B row if upcast) under ``chunk_bytes``. The rows always get
     at least half the budget: a fixed part near or above it (a bf16 A at high rank) must not shrink chunks to a few
-    rows, which makes the GEMMs slow (d = 4096, r = 384, bf16 adapters: 1 row per chunk is 10x slower)."""
+    rows, since GEMMs over a few rows are slow.
+
+    Returns:
+        int in [1, d_out]."""
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}; the default is {DEFAULT_CHUNK_BYTES}")
     w_row = d_in * _FP32 if weight_row_bytes is None else weight_row_bytes
@@ -103,14 +105,32 @@ def factored_row_norm(
     weight_sq: torch.Tensor | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> torch.Tensor:
-    """``||W + scaling * lora_B @ lora_A||`` per output row, fp32, detached, shape (d_out,); see the module docstring.
+    """DoRA's weight row norm without forming ``B A`` (arXiv 2603.22276; DoRA: arXiv 2402.09353):
 
-    ``weight``: a 2-D tensor, or a row source already (d_out, d_in) that gives dense rows for a row slice and has
-    ``shape``, ``dtype``, ``device``, ``is_cuda``, ``dim()`` and ``row_bytes`` (``hf_ext.peft.quantized_rows.
-    QuantizedRows``: bitsandbytes weights dequantized chunk by chunk); ``lora_A``: (r, d_in), ``lora_B``: (d_out, r)
-    (PEFT's ``lora_A.weight`` / ``lora_B.weight``); ``weight_sq``: an optional precomputed
-    ``weight_sq_norms(weight, fan_in_fan_out)``; ``chunk_bytes``: budget for what the call allocates in fp32 (the
-    rows get at least half of it whatever the fixed part takes).
+        n_i = sqrt(max(||W_i||^2 + 2 s sum_k B_ik (W A^T)_ik + s^2 sum_k (B A A^T)_ik B_ik, 0))
+
+    computed chunk by chunk over output rows, in fp32 (module docstring); the Triton kernel does the per-row
+    combination on CUDA, the torch twin elsewhere (``hf_ext.kernels.dispatch``).
+
+    Args:
+        weight: W, (d_out, d_in), or (d_in, d_out) with ``fan_in_fan_out=True``; any float dtype. Or a row source
+            already (d_out, d_in) that gives dense rows for a row slice and has ``shape``, ``dtype``, ``device``,
+            ``is_cuda``, ``dim()`` and ``row_bytes`` (``hf_ext.peft.quantized_rows.QuantizedRows``: bitsandbytes
+            weights dequantized chunk by chunk).
+        lora_A: A, (r, d_in), any float dtype (PEFT's ``lora_A.weight``).
+        lora_B: B, (d_out, r), any float dtype (PEFT's ``lora_B.weight``).
+        scaling: s, a Python float; with 0 the LoRA terms are skipped (n = ||W||).
+        fan_in_fan_out: whether ``weight`` is stored transposed (GPT-2's Conv1D).
+        weight_sq: optional cached ``weight_sq_norms(weight, fan_in_fan_out)``, (d_out,).
+        chunk_bytes: budget for what the call allocates in fp32 (the rows get at least half of it whatever the
+            fixed part takes).
+
+    Returns:
+        n, fp32 (d_out,), on the device of ``weight``, detached (DoRA treats the norm as a constant).
+
+    Raises:
+        ValueError: on shapes that do not fit together, a non-positive ``chunk_bytes``, or a row source with
+            ``fan_in_fan_out=True``.
     """
     combine = combine_rows_triton if use_triton(weight, "dora_norm") else combine_rows_torch
     return _factored_row_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, weight_sq, chunk_bytes, combine)
@@ -165,7 +185,7 @@ def _chunk_norm(w_rows, a, b_rows, gram, wsq, scaling, combine):
 
 def combine_rows_torch(u, b, gram, wsq, scaling: float) -> torch.Tensor:
     """Twin of the kernel: ``sqrt(max(wsq + 2 s rowdot(b, u) + s^2 rowdot(b G, b), 0))``, all fp32."""
-    cross = torch.linalg.vecdot(b, u)  # rows x rank temporaries only; einsum's batched matmuls are ~2-3x slower
+    cross = torch.linalg.vecdot(b, u)  # rows x rank temporaries only; einsum would run batched matmuls, slower
     gram_term = torch.linalg.vecdot(b @ gram, b)
     return torch.sqrt((wsq + (2.0 * scaling) * cross + (scaling * scaling) * gram_term).clamp_min(0.0))
 

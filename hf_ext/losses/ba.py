@@ -48,9 +48,21 @@ class SignSplit:
 
 
 def split_by_sign(lengths: torch.Tensor, advantages: torch.Tensor, num_generations: int, sign_tolerance: float):
-    """Group rows (consecutive runs of ``num_generations``) and mark each row's sign subset.
+    """Group the rows into (Q, G) and mark each row's sign subset: S+ = {A_i > tol}, S- = {A_i < -tol}.
 
-    ``lengths`` are loss-token counts per row (N,), ``advantages`` (N,); N must be a multiple of G.
+    Rows with no loss tokens (length 0) belong to neither subset.
+
+    Args:
+        lengths: (N,) int or float, loss-token count of each row; N must be a multiple of G.
+        advantages: (N,) float, the advantage A_i of each row.
+        num_generations: G, the group size; rows are grouped consecutively in runs of G.
+        sign_tolerance: tol, |A_i| <= tol counts as no sign.
+
+    Returns:
+        ``SignSplit`` with bool masks ``positive``, ``negative`` (Q, G) and the float64 ``lengths`` (Q, G).
+
+    Raises:
+        ValueError: if ``lengths`` and ``advantages`` are not equal-shaped 1-D tensors, or N is not a multiple of G.
     """
     if lengths.shape != advantages.shape or lengths.dim() != 1:
         raise ValueError(f"lengths {tuple(lengths.shape)} and advantages {tuple(advantages.shape)} must be equal 1-D")
@@ -69,7 +81,20 @@ def split_by_sign(lengths: torch.Tensor, advantages: torch.Tensor, num_generatio
 def ba_row_weights(
     lengths: torch.Tensor, advantages: torch.Tensor, num_generations: int, sign_tolerance: float = 1e-6
 ) -> torch.Tensor:
-    """Per row, 1 / (mean loss-token length of its same-sign subset in its group); 0 outside S+ and S-. (N,) fp64."""
+    """Per-row BA weight 1/Lbar_s = n_s / L_s of the row's same-sign subset in its group; 0 outside S+ and S-.
+
+    Args:
+        lengths: (N,) int or float, loss-token count of each row.
+        advantages: (N,) float, the advantage A_i of each row.
+        num_generations: G; rows are grouped consecutively in runs of G.
+        sign_tolerance: tol, |A_i| <= tol counts as no sign (weight 0).
+
+    Returns:
+        (N,) float64 row weights, for ``ba_aggregate``.
+
+    Raises:
+        ValueError: as ``split_by_sign`` (unequal or non-1-D inputs, N not a multiple of G).
+    """
     split = split_by_sign(lengths, advantages, num_generations, sign_tolerance)
     inv_mean_pos = split.num_pos / split.tokens_pos.clamp(min=1)
     inv_mean_neg = split.num_neg / split.tokens_neg.clamp(min=1)
@@ -80,7 +105,18 @@ def ba_row_weights(
 
 
 def ba_aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
-    """Per-row form: mean over rows of (masked token sum * row weight)."""
+    """Per-row form of BA: (1/N) * sum_i w_i * sum_t m_{i,t} * l_{i,t}.
+
+    With ``row_weights`` from ``ba_row_weights`` over whole groups this equals ``balanced_aggregation``.
+
+    Args:
+        per_token_loss: (N, T) float, the token losses l.
+        mask: (N, T) 0/1 (bool, int or float), the loss tokens m.
+        row_weights: (N,) float, the weights w (cast to the dtype of the masked row sums).
+
+    Returns:
+        0-d float tensor, the dtype of ``per_token_loss * mask``.
+    """
     row_sums = (per_token_loss * mask).sum(-1)
     return (row_sums * row_weights.to(row_sums.dtype)).mean()
 
@@ -92,9 +128,22 @@ def balanced_aggregation(
     num_generations: int,
     sign_tolerance: float = 1e-6,
 ) -> torch.Tensor:
-    """Group-wise formula of the paper: mean over groups of (n+/G)/L+ * sum_{S+} + (n-/G)/L- * sum_{S-}.
+    """Group-wise BA of the paper: mean over groups of (n+/G)/L+ * sum_{S+} + (n-/G)/L- * sum_{S-} (test oracle).
 
-    ``per_token_loss`` and ``mask`` are (N, T) with rows grouped consecutively, ``advantages`` (N,).
+    An empty subset's term is dropped; a group with neither subset contributes 0 but counts in the mean.
+
+    Args:
+        per_token_loss: (N, T) float, the token losses l_{i,t}.
+        mask: (N, T) 0/1 (bool, int or float), the loss tokens; its row sums are the lengths.
+        advantages: (N,) float, the advantage A_i of each row.
+        num_generations: G; rows are grouped consecutively in runs of G.
+        sign_tolerance: tol, |A_i| <= tol counts as no sign.
+
+    Returns:
+        0-d float tensor, the dtype of ``per_token_loss * mask``.
+
+    Raises:
+        ValueError: if ``mask`` is not 2-D with one row per entry of ``advantages``, or N is not a multiple of G.
     """
     lengths = mask.sum(-1)
     split = split_by_sign(lengths, advantages, num_generations, sign_tolerance)
@@ -112,11 +161,22 @@ def balanced_aggregation(
 def ba_group_metrics(
     lengths: torch.Tensor, advantages: torch.Tensor, num_generations: int, sign_tolerance: float = 1e-6
 ) -> dict[str, float]:
-    """Diagnostics over one generation batch.
+    """Diagnostics over one generation batch, with one device sync.
 
-    ``pos_weight``/``neg_weight``: mean n+/G and n-/G over groups with both signs (the weight BA gives each
-    sign); ``token_agg_pos_share``: mean L+/(L+ + L-) over the same groups (what token aggregation would give);
-    ``len_gap``: mean (Lbar+ - Lbar-); ``no_signal_frac``: share of groups with no row in S+ or S-.
+    Args:
+        lengths: (N,) int or float, loss-token count of each row.
+        advantages: (N,) float, the advantage A_i of each row.
+        num_generations: G; rows are grouped consecutively in runs of G.
+        sign_tolerance: tol, |A_i| <= tol counts as no sign.
+
+    Returns:
+        dict of Python floats. ``pos_weight``/``neg_weight``: mean n+/G and n-/G over groups with both signs (the
+        weight BA gives each sign); ``token_agg_pos_share``: mean L+/(L+ + L-) over the same groups (what token
+        aggregation would give); ``len_gap``: mean (Lbar+ - Lbar-) over them; these four are NaN when no group
+        has both signs. ``no_signal_frac``: share of groups with no row in S+ or S-.
+
+    Raises:
+        ValueError: as ``split_by_sign`` (unequal or non-1-D inputs, N not a multiple of G).
     """
     split = split_by_sign(lengths, advantages, num_generations, sign_tolerance)
     mixed = ((split.num_pos > 0) & (split.num_neg > 0)).double()

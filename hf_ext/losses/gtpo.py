@@ -4,7 +4,7 @@ For a group of G completions o_i of one prompt with advantages A_i (latest objec
 
     J_GTPO = (1/G) * sum_i  delta_i * (A_i - gamma * Hbar_i) / |o_i| * sum_t rho_{i,t} * lambda_{i,t}
 
-- rho_{i,t} = pi_theta / pi_old of token t (clipped PPO-style when it differs from 1, see ``gtpo_per_token_loss``).
+- rho_{i,t} = pi_theta / pi_old of token t (clipped PPO-style when it differs from 1: ``hf_ext.losses.surrogate``).
 - Hbar_i = (1/|o_i|) * sum_t H_{i,t}, the detached mean token entropy of o_i; gamma the shaping coefficient.
 - delta_i = 0 if the filter is on and Hbar_i > threshold (ln 2), else 1. The trainer decides "filter on" (the
   paper: initial model entropy H_ini < ln 2); ``only_negative`` restricts the filter to rows with A_i < 0.
@@ -20,8 +20,9 @@ Validity always comes from the completion mask, never from pad ids (pad may equa
 row is not a valid token: it breaks a run, and a row's end is its last valid position.
 
 Pure torch, no TRL import. ``conflict_weights`` (vectorised over groups, O(Q*G*G*T) booleans, chunked) runs at
-generation on the gathered batch; ``mean_entropy``, ``shaped_advantages``, ``gtpo_per_token_loss`` and
-``gtpo_aggregate`` at loss time; ``gtpo_metrics`` is what the trainer logs.
+generation on the gathered batch; ``mean_entropy`` and ``shaped_advantages`` at loss time, before
+the shared clipped surrogate and its row-mean aggregation (``hf_ext.losses.surrogate``); ``gtpo_metrics`` is what
+the trainer logs.
 """
 
 import math
@@ -89,9 +90,23 @@ def conflict_runs(
     num_generations: int,
     sign_tolerance: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prefix, suffix) bool (N, T): tokens in the leading run of conflicts counted from the start / from the end.
+    """Tokens in the unbroken run of raw conflicts from t = 0 (prefix) and from each row's last valid token (suffix).
 
     Only active rows have runs. ``(prefix | suffix).sum(-1)`` is the code's per-completion n_conflict.
+
+    Args:
+        completion_ids: (N, T) int, the completion token ids (pad ids never matter).
+        completion_mask: (N, T) 0/1 (bool, int or float), the valid tokens (nonzero = valid).
+        advantages: (N,) float, the unshaped A_i (their sign picks the active rows P and N).
+        num_generations: G; rows are grouped consecutively in runs of G.
+        sign_tolerance: tol; rows with |A_i| <= tol are not active.
+
+    Returns:
+        ``(prefix, suffix)``: two bool (N, T) tensors.
+
+    Raises:
+        ValueError: if ``completion_ids`` and ``completion_mask`` are not equal (N, T) tensors, ``advantages`` is not
+            (N,), or N is not a multiple of G (or G < 1).
     """
     _check_batch(completion_ids, completion_mask, advantages, num_generations)
     valid = completion_mask != 0
@@ -115,10 +130,23 @@ def conflict_weights(
     combine: str = "product",
     sign_tolerance: float = 1e-6,
 ) -> torch.Tensor:
-    """lambda (N, T): W / 0 on run tokens of positive / negative rows, 1 elsewhere, times the mask.
+    """lambda_{i,t}: W / 0 on run tokens of positive / negative rows, 1 on other valid tokens, 0 on padding.
 
-    Rows are grouped consecutively in runs of ``num_generations``; ``advantages`` are the unshaped A_i. The dtype is
-    that of ``advantages`` (default float dtype if they are not floating point).
+    Args:
+        completion_ids: (N, T) int, the completion token ids (pad ids never matter).
+        completion_mask: (N, T) 0/1 (bool, int or float), the valid tokens (nonzero = valid).
+        advantages: (N,) float, the unshaped A_i (their sign picks the active rows P and N).
+        num_generations: G; rows are grouped consecutively in runs of G.
+        conflict_weight: W, the run weight of positive rows, >= 0 (default 2.0, the paper's).
+        combine: ``"product"`` (the prefix and suffix factors multiply, W^2 on tokens in both runs, as the code) or
+            ``"union"`` (W once).
+        sign_tolerance: tol; rows with |A_i| <= tol are not active.
+
+    Returns:
+        (N, T) float in the dtype of ``advantages`` (the default float dtype if they are not floating point).
+
+    Raises:
+        ValueError: if ``combine`` is unknown or ``conflict_weight`` is not >= 0; as ``conflict_runs`` otherwise.
     """
     if combine not in COMBINES:
         raise ValueError(f"combine={combine!r} is not one of {COMBINES}; use 'product' (the code's W^2) or 'union'")
@@ -136,7 +164,15 @@ def conflict_weights(
 
 
 def mean_entropy(entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Hbar (B,): detached masked mean of the token entropies per row; 0 for rows without tokens."""
+    """Hbar_i = (1/|o_i|) * sum_t H_{i,t}, the detached masked mean token entropy of row i; 0 for rows without tokens.
+
+    Args:
+        entropies: (N, T) float, the token entropies H (rows need not form whole groups).
+        mask: (N, T) 0/1 (bool, int or float), the loss tokens.
+
+    Returns:
+        (N,) float, the dtype of ``entropies``, without gradient.
+    """
     weights = mask.to(entropies.dtype)
     total = torch.where(mask != 0, entropies.detach() * weights, 0.0).sum(-1)
     return total / weights.sum(-1).clamp(min=1)
@@ -150,7 +186,22 @@ def entropy_filter(
     only_negative: bool = False,
     sign_tolerance: float = 1e-6,
 ) -> torch.Tensor:
-    """bool (B,), True where delta_i = 0: filter on and Hbar_i > threshold (and A_i < -tol if ``only_negative``)."""
+    """True where delta_i = 0: the filter is on and Hbar_i > threshold (and A_i < -tol if ``only_negative``).
+
+    Args:
+        advantages: (N,) float, the unshaped A_i.
+        mean_entropy: (N,) float, Hbar_i (``mean_entropy``).
+        threshold: the entropy threshold (default ln 2).
+        filter_on: whether the filter applies at all (False: no row is filtered).
+        only_negative: restrict the filter to rows with A_i < -tol.
+        sign_tolerance: tol.
+
+    Returns:
+        (N,) bool.
+
+    Raises:
+        ValueError: if ``advantages`` and ``mean_entropy`` are not equal-shaped 1-D tensors.
+    """
     if advantages.shape != mean_entropy.shape or advantages.dim() != 1:
         raise ValueError(
             f"advantages {tuple(advantages.shape)} and mean_entropy {tuple(mean_entropy.shape)} must be equal 1-D"
@@ -171,40 +222,28 @@ def shaped_advantages(
     shape_zero_advantage: bool = True,
     sign_tolerance: float = 1e-6,
 ) -> torch.Tensor:
-    """A'_i = delta_i * (A_i - gamma * Hbar_i), (B,). Ties (|A_i| <= tol) keep A' = 0 if not ``shape_zero_advantage``.
+    """A'_i = delta_i * (A_i - gamma * Hbar_i), with Hbar_i detached.
 
     A small positive A_i may turn negative here while its conflict weights (from the unshaped sign) stay W.
+
+    Args:
+        advantages: (N,) float, the unshaped A_i.
+        mean_entropy: (N,) float, Hbar_i (``mean_entropy``).
+        entropy_penalty: gamma, the shaping coefficient.
+        threshold, filter_on, only_negative, sign_tolerance: the entropy filter, as ``entropy_filter``.
+        shape_zero_advantage: if False, ties (|A_i| <= tol) keep A' = 0 instead of -gamma * Hbar_i.
+
+    Returns:
+        (N,) float, the dtype of ``advantages``.
+
+    Raises:
+        ValueError: if ``advantages`` and ``mean_entropy`` are not equal-shaped 1-D tensors.
     """
     filtered = entropy_filter(advantages, mean_entropy, threshold, filter_on, only_negative, sign_tolerance)
     shaped = advantages - entropy_penalty * mean_entropy.detach().to(advantages.dtype)
     if not shape_zero_advantage:
         shaped = torch.where(advantages.abs() <= sign_tolerance, 0.0, shaped)
     return torch.where(filtered, 0.0, shaped)
-
-
-def gtpo_per_token_loss(
-    per_token_logps: torch.Tensor,
-    old_per_token_logps: torch.Tensor | None,
-    token_advantages: torch.Tensor,
-    epsilon_low: float,
-    epsilon_high: float,
-) -> torch.Tensor:
-    """(B, T) clipped surrogate -min(rho * A_tok, clip(rho, 1 - eps_low, 1 + eps_high) * A_tok).
-
-    ``token_advantages`` = shaped_advantages[:, None] * lambda. ``old_per_token_logps`` None means on-policy
-    (rho = exp(logp - logp.detach()) = 1 in value), as in the paper's single-update setting.
-    """
-    if old_per_token_logps is None:
-        old_per_token_logps = per_token_logps.detach()
-    ratio = torch.exp(per_token_logps - old_per_token_logps)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    return -torch.min(ratio * token_advantages, clipped * token_advantages)
-
-
-def gtpo_aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of each row's masked token mean: the (1/G) * (1/|o_i|) of J (empty rows count as 0)."""
-    mask = mask.to(per_token_loss.dtype)
-    return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
 def gtpo_metrics(
@@ -216,12 +255,20 @@ def gtpo_metrics(
 ) -> dict[str, float]:
     """Diagnostics over one batch, with one device sync.
 
-    ``token_weights`` is lambda (B, T) from ``conflict_weights`` (W/0 on conflicts, 1 elsewhere, times ``mask``),
-    ``mask`` (B, T), ``advantages`` the unshaped A (B,), ``filtered`` bool (B,) from ``entropy_filter``.
     A conflict token is a valid token whose weight is not 1 (so with conflict_weight == 1 the no-op conflicts of
-    positive rows are not counted). ``conflict_token_frac``: over all valid tokens; ``_pos`` / ``_neg``: over the
-    valid tokens of rows with A > tol / A < -tol; ``filtered_frac``: share of rows with delta = 0. A fraction
-    with an empty denominator is NaN (0/0).
+    positive rows are not counted).
+
+    Args:
+        token_weights: (N, T) float, lambda from ``conflict_weights`` (W/0 on conflicts, 1 elsewhere, times ``mask``).
+        mask: (N, T) 0/1 (bool, int or float), the valid tokens.
+        advantages: (N,) float, the unshaped A_i.
+        filtered: (N,) bool, from ``entropy_filter``.
+        sign_tolerance: tol.
+
+    Returns:
+        dict of Python floats. ``conflict_token_frac``: conflict share of all valid tokens; ``_pos`` / ``_neg``: of
+        the valid tokens of rows with A > tol / A < -tol; ``filtered_frac``: share of rows with delta = 0. A fraction
+        with an empty denominator is NaN (0/0).
     """
     valid = mask != 0
     conflict = valid & (token_weights != mask.to(token_weights.dtype))

@@ -69,9 +69,16 @@ def _has_tokens(mask: torch.Tensor, num_rows: int) -> torch.Tensor:
 def sequence_scores(
     per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor | None, mask: torch.Tensor
 ) -> torch.Tensor:
-    """s_i: masked mean of logp - logp_old over each row's loss tokens, (B,). Rows with no loss token give 0.
+    """s_i = (1/|o_i|) * sum_t (logp - logp_old), the masked mean log-ratio of each row; 0 for rows without tokens.
 
-    ``old_per_token_logps=None`` means on-policy (old = current, detached): s = 0 with the gradient of the mean logp.
+    Args:
+        per_token_logps: (N, T) float, log pi_theta of each completion token (differentiable).
+        old_per_token_logps: (N, T) float, log pi_old of the same tokens; None means on-policy (old = current,
+            detached): s = 0 in value, with the gradient of the masked mean logp.
+        mask: (N, T) 0/1 (bool, int or float), the loss tokens.
+
+    Returns:
+        (N,) float, the dtype of ``per_token_logps``. Rows need not form whole groups.
     """
     if old_per_token_logps is None:
         old_per_token_logps = per_token_logps.detach()
@@ -85,7 +92,16 @@ def real_labels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """("advantage" label mode) positive iff A_i > tol, negative iff A_i < -tol; rows without loss tokens are neither.
 
-    ``advantages`` (N,), ``mask`` the (N, T) loss-token mask. Returns two bool (N,) tensors.
+    Args:
+        advantages: (N,) float, the advantage A_i of each row.
+        mask: (N, T) 0/1 (bool, int or float), the loss tokens.
+        sign_tolerance: tol; rows with |A_i| <= tol get neither label.
+
+    Returns:
+        ``(positive, negative)``: two bool (N,) tensors, the labels O+ and O-.
+
+    Raises:
+        ValueError: if ``advantages`` is not 1-D or ``mask`` is not (N, T) with the same N.
     """
     _check_vector("advantages", advantages)
     has_tokens = _has_tokens(mask, advantages.numel())
@@ -105,9 +121,22 @@ def _grouped_logits(scores, positive, negative, num_generations, tau):
 def real_group_loss(
     scores: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, num_generations: int, tau: float
 ) -> torch.Tensor:
-    """Mean over groups of L+ + L- (0 for groups without both labels), every group whole and contiguous in ``scores``.
+    """Mean over groups of L_REAL(q) = log(1 + sum_{O+} e^{-s_i/tau}) + log(1 + sum_{O-} e^{s_j/tau}).
 
-    L+ = logsumexp({-s_i/tau : i positive} ∪ {0}),  L- = logsumexp({s_j/tau : j negative} ∪ {0}).
+    Computed as L+ + L-, L+ = logsumexp({-s_i/tau : i in O+} ∪ {0}), L- = logsumexp({s_j/tau : j in O-} ∪ {0}).
+    A group without both labels gives 0 but counts in the mean; every group is whole and contiguous in ``scores``.
+
+    Args:
+        scores: (N,) float, the sequence scores s (``sequence_scores``).
+        positive, negative: (N,) bool, the labels O+ and O- (``real_labels``).
+        num_generations: G; rows are grouped consecutively in runs of G.
+        tau: the score temperature, > 0.
+
+    Returns:
+        0-d float tensor, the dtype of ``scores``.
+
+    Raises:
+        ValueError: if ``scores`` is not 1-D, a label is not (N,), N is not a multiple of G (or G < 1), or tau <= 0.
     """
     logits, positive, negative, valid = _grouped_logits(scores, positive, negative, num_generations, tau)
     anchor = logits.new_zeros(logits.shape[0], 1)
@@ -119,9 +148,22 @@ def real_group_loss(
 def real_product_group_loss(
     scores: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, num_generations: int, tau: float
 ) -> torch.Tensor:
-    """Anchor-free pairwise variant: mean over groups of softplus(logsumexp_{O-}(s/tau) + logsumexp_{O+}(-s/tau)),
+    """Anchor-free pairwise variant: mean over groups of softplus(logsumexp_{O-}(s/tau) + logsumexp_{O+}(-s/tau)).
 
-    i.e. log(1 + sum_{i in O+, j in O-} e^{(s_j - s_i)/tau}); 0 for groups without both labels.
+    That is log(1 + sum_{i in O+, j in O-} e^{(s_j - s_i)/tau}); a group without both labels gives 0 (with a finite
+    gradient) but counts in the mean.
+
+    Args:
+        scores: (N,) float, the sequence scores s.
+        positive, negative: (N,) bool, the labels O+ and O-.
+        num_generations: G; rows are grouped consecutively in runs of G.
+        tau: the score temperature, > 0.
+
+    Returns:
+        0-d float tensor, the dtype of ``scores``.
+
+    Raises:
+        ValueError: if ``scores`` is not 1-D, a label is not (N,), N is not a multiple of G (or G < 1), or tau <= 0.
     """
     logits, positive, negative, valid = _grouped_logits(scores, positive, negative, num_generations, tau)
     # Invalid groups get finite dummy logits: an all -inf logsumexp has a NaN gradient that torch.where would not stop.
@@ -132,37 +174,59 @@ def real_product_group_loss(
     return torch.where(valid, F.softplus(lse_pos + lse_neg), 0.0).mean()
 
 
-def real_onpolicy_coefficients(
-    positive: torch.Tensor, negative: torch.Tensor, num_generations: int, tau: float
-) -> torch.Tensor:
-    """dL_REAL/ds_k at s = 0, per row, (N,) float64: -1/(tau(1+n+)) positives, +1/(tau(1+n-)) negatives, else 0.
+REAL_VARIANTS = {"anchor": real_group_loss, "product": real_product_group_loss}
 
-    n± are the label counts of the row's group; rows of groups without both labels get 0. When every s = 0
-    (theta unchanged since generation), ``(coef * s).sum() / num_groups`` has exactly the gradient of
-    ``real_group_loss`` for any layout of the rows: the coefficients are constants, so the surrogate is separable
-    and can be split over micro-batches and processes (its value is 0; log ``log(1+n+) + log(1+n-)`` instead).
+
+def real_onpolicy_coefficients(
+    positive: torch.Tensor, negative: torch.Tensor, num_generations: int, tau: float, variant: str = "anchor"
+) -> torch.Tensor:
+    """dL/ds_k at s = 0 times the number of groups, per row: (N,) float64, for L the ``variant``'s group loss.
+
+    For ``"anchor"`` this is -1/(tau(1+n+)) for positives and +1/(tau(1+n-)) for negatives (n± the label counts of
+    the row's group), 0 for other rows and for groups without both labels. When every s = 0 (theta unchanged since
+    generation), ``(coef * s).sum() / num_groups`` has exactly the gradient of the group loss for any layout of the
+    rows: the coefficients are constants, so the surrogate is separable and can be split over micro-batches and
+    processes (its value is 0).
+
+    Args:
+        positive, negative: (N,) bool labels, rows grouped consecutively in runs of ``num_generations``.
+        num_generations: G, the group size.
+        tau: the score temperature, > 0.
+        variant: a key of ``REAL_VARIANTS``: ``"anchor"`` (``real_group_loss``, default) or ``"product"``.
+
+    Returns:
+        (N,) float64 constants (no autograd graph).
+
+    Raises:
+        ValueError: if ``positive`` is not 1-D, ``negative`` is not (N,), N is not a multiple of G, or tau <= 0.
+        KeyError: if ``variant`` is not a key of ``REAL_VARIANTS``.
     """
-    _check_tau(tau)
     _check_vector("positive", positive)
-    _check_rows("negative", negative, positive.numel())
-    _check_groups(positive.numel(), num_generations)
-    positive = positive.view(-1, num_generations)
-    negative = negative.view(-1, num_generations)
-    num_pos = positive.sum(1, keepdim=True, dtype=torch.float64)
-    num_neg = negative.sum(1, keepdim=True, dtype=torch.float64)
-    valid = (num_pos > 0) & (num_neg > 0)
-    coef = torch.where(positive, -1 / (tau * (1 + num_pos)), 0.0)
-    coef = coef + torch.where(negative, 1 / (tau * (1 + num_neg)), 0.0)
-    return torch.where(valid, coef, 0.0).flatten()
+    scores = torch.zeros(positive.shape, dtype=torch.float64, device=positive.device, requires_grad=True)
+    group_loss = REAL_VARIANTS[variant](scores, positive, negative, num_generations, tau)
+    (coef,) = torch.autograd.grad(group_loss * (positive.numel() // num_generations), scores)
+    return coef
 
 
 def real_bce_targets(
     advantages: torch.Tensor, mask: torch.Tensor, num_generations: int, sign_tolerance: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BCE labels: target 1.0 iff A_i >= max over its group - tol, else 0.0; (targets (N,) float, valid (N,) bool).
+    """BCE labels: y_i = 1 iff A_i >= (max of A over its group) - tol, else 0; valid iff the group's A spread.
 
     A row is valid iff its group's advantages spread by more than tol (max - min) and it has loss tokens. The group
     max/min run over all rows of the group, masked ones included (advantages do not depend on the mask).
+
+    Args:
+        advantages: (N,) float, the advantage A_i of each row.
+        mask: (N, T) 0/1 (bool, int or float), the loss tokens.
+        num_generations: G; rows are grouped consecutively in runs of G.
+        sign_tolerance: tol, used by both the best-row and the spread test.
+
+    Returns:
+        ``(targets, valid)``: targets (N,) 1.0/0.0 in the dtype of ``advantages``, valid (N,) bool.
+
+    Raises:
+        ValueError: if ``advantages`` is not 1-D, ``mask`` is not (N, T) with the same N, or N is not a multiple of G.
     """
     _check_vector("advantages", advantages)
     has_tokens = _has_tokens(mask, advantages.numel())
@@ -175,7 +239,20 @@ def real_bce_targets(
 
 
 def real_bce_loss(scores: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, tau: float) -> torch.Tensor:
-    """Mean over valid rows of binary_cross_entropy_with_logits(s_i/tau, y_i); 0 (still differentiable) if none."""
+    """Mean over valid rows of binary_cross_entropy_with_logits(s_i/tau, y_i); 0 (still differentiable) if none.
+
+    Args:
+        scores: (N,) float, the sequence scores s.
+        targets: (N,) float 0/1 (or bool), the labels y (``real_bce_targets``).
+        valid: (N,) bool, the rows that count.
+        tau: the score temperature, > 0.
+
+    Returns:
+        0-d float tensor, the dtype of ``scores``.
+
+    Raises:
+        ValueError: if ``scores`` is not 1-D, ``targets`` or ``valid`` is not (N,), or tau <= 0.
+    """
     _check_tau(tau)
     _check_vector("scores", scores)
     _check_rows("targets", targets, scores.numel())
@@ -189,7 +266,17 @@ def real_group_metrics(
 ) -> dict[str, float]:
     """Diagnostics: mean score of positive rows and of negative rows (all groups), share of groups with both labels.
 
-    A mean over an empty set is NaN. One device sync.
+    Args:
+        scores: (N,) float, the sequence scores s (read detached).
+        positive, negative: (N,) bool, the labels O+ and O-.
+        num_generations: G; rows are grouped consecutively in runs of G.
+
+    Returns:
+        dict of Python floats ``score_mean_pos``, ``score_mean_neg``, ``valid_group_frac``, with one device sync; a
+        mean over an empty set is NaN.
+
+    Raises:
+        ValueError: if ``scores`` is not 1-D, a label is not (N,), or N is not a multiple of G (or G < 1).
     """
     _check_labels(scores, positive, negative, num_generations)
     scores = scores.detach().double()

@@ -20,17 +20,17 @@ statistics (no eps added to g^2; a zero mean(R) divides as 1):
     R <- beta2 R + (1 - beta2) mean_last(g^2),   C <- beta2 C + (1 - beta2) mean_{-2}(g^2),
     v <- (R / mean_last(R))[..., :, None] * C[..., None, :]
 
-The quantized m / v step runs ``hf_ext.kernels.adamw4bit_step`` (Triton on CUDA, its torch twin elsewhere); fp32
-and factored states go through that module's element-wise ops too (``next_m``, ``next_v``, ``stepped_param``:
-separately rounded fp32 ops, correctly rounded sqrt), so every layout computes the same bits on every CPU, except
-for the factored means, reductions whose summation order may depend on the CPU. The formula is
-``torch.optim.AdamW``'s; torch evaluates it in another op order (FMA-contracted ``lerp``, and on CPU MKL's sqrt,
-not correctly rounded on every CPU), so the two agree to a few fp32 roundings of each term, not bit for bit.
-``state_dict()`` holds plain tensors (uint8 codes, fp32 scales and states, a CPU fp32 ``step``) and primitives,
-so ``torch.load(weights_only=True)`` reads it; loading keeps codes uint8 and scales fp32, reads each tensor's
-layout back from its keys and refuses (``StateDictError``) state dicts of other optimizers, layouts other than the
-one the saved settings give the parameter, and values no step writes (``state_value_problem``). Rounding is
-deterministic, so a resumed run is bit-identical to an uninterrupted one.
+The codebooks, quantizers and packing are ``hf_ext.kernels.quant4``'s. The quantized m / v step runs
+``hf_ext.kernels.adamw4bit_step`` (Triton on CUDA, its torch twin elsewhere); fp32 and factored states go through
+that module's element-wise ops too (``next_m``, ``next_v``, ``stepped_param``: separately rounded fp32 ops, correctly
+rounded sqrt), so every layout computes the same bits on every CPU, except for the factored means, reductions whose
+summation order may depend on the CPU. The formula is ``torch.optim.AdamW``'s; torch evaluates it in another op order
+(FMA-contracted ``lerp``, and on CPU MKL's sqrt, not correctly rounded on every CPU), so the two agree to a few fp32
+roundings of each term, not bit for bit. ``state_dict()`` holds plain tensors (uint8 codes, fp32 scales and states, a
+CPU fp32 ``step``) and primitives, so ``torch.load(weights_only=True)`` reads it; loading keeps codes uint8 and
+scales fp32, reads each tensor's layout back from its keys and refuses (``StateDictError``) state dicts of other
+optimizers, layouts other than the one the saved settings give the parameter, and values no step writes
+(``state_value_problem``). Rounding is deterministic, so a resumed run is bit-identical to an uninterrupted one.
 """
 
 import math
@@ -39,8 +39,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from hf_ext.kernels import adamw4bit_step as fused  # module import: safe in either import order
-from hf_ext.optim import quant
+from hf_ext.kernels import adamw4bit_step as fused
+from hf_ext.kernels import quant4
 
 
 Q4_FORMAT = 1  # version of the state-dict layout below (lpmm tie-breaking and nibble order)
@@ -52,9 +52,22 @@ LAYOUT_SETTINGS = ("quantize", "min_quantized_numel", "factor_second_moment")  #
 
 
 def state_spec(param: torch.Tensor, m_layout: str, v_layout: str, block_size: int) -> dict[str, tuple]:
-    """Key -> (dtype, shape) of one parameter's state: the single definition used to create and to check it."""
+    """The keys, dtypes and shapes of one parameter's state: the single definition used to create and to check it.
+
+    Args:
+        param: the parameter, N elements (only its shape is read).
+        m_layout: one of ``M_LAYOUTS``; v_layout: one of ``V_LAYOUTS`` (together in ``VALID_LAYOUTS``).
+        block_size: elements per quantisation block.
+
+    Returns:
+        key -> (dtype, shape): ``step`` fp32 (); m as ``exp_avg`` fp32 (param shape) or ``exp_avg_codes`` uint8
+        (ceil(N / 2),) and ``exp_avg_absmax`` fp32 (ceil(N / block_size),); v as ``exp_avg_sq`` fp32 (param
+        shape), block-wise codes and ``exp_avg_sq_absmax``, rank-1 codes and ``exp_avg_sq_stat{k}`` fp32 (n_k,)
+        per dimension of the squeezed shape, or factored ``exp_avg_sq_row`` fp32 shape[:-1] and
+        ``exp_avg_sq_col`` fp32 shape[:-2] + shape[-1:].
+    """
     numel, shape = param.numel(), tuple(param.shape)
-    packed, blocks = (math.ceil(numel / 2),), (quant.num_blocks(numel, block_size),)
+    packed, blocks = (math.ceil(numel / 2),), (quant4.num_blocks(numel, block_size),)
     spec = {"step": (torch.float32, ())}
     if m_layout == "fp32":
         spec["exp_avg"] = (torch.float32, shape)
@@ -66,7 +79,7 @@ def state_spec(param: torch.Tensor, m_layout: str, v_layout: str, block_size: in
         spec.update(exp_avg_sq_codes=(torch.uint8, packed), exp_avg_sq_absmax=(torch.float32, blocks))
     elif v_layout == "rank1":
         spec["exp_avg_sq_codes"] = (torch.uint8, packed)
-        for k, size in enumerate(quant.squeezed_shape(shape)):
+        for k, size in enumerate(quant4.squeezed_shape(shape)):
             spec[f"exp_avg_sq_stat{k}"] = (torch.float32, (size,))
     else:
         spec["exp_avg_sq_row"] = (torch.float32, shape[:-1])
@@ -75,7 +88,14 @@ def state_spec(param: torch.Tensor, m_layout: str, v_layout: str, block_size: in
 
 
 def state_layout(state: dict) -> tuple[str, str] | None:
-    """(m layout, v layout) read back from the keys present, or None if they match no known layout."""
+    """The layout of a state, read back from its keys.
+
+    Args:
+        state: one parameter's state dict (keys as ``state_spec`` names them).
+
+    Returns:
+        (m layout, v layout), a member of ``VALID_LAYOUTS``, or None when the keys match no known layout.
+    """
     m_layout = "fp32" if "exp_avg" in state else "q4"
     if "exp_avg_sq" in state:
         v_layout = "fp32"
@@ -89,19 +109,43 @@ def state_layout(state: dict) -> tuple[str, str] | None:
 
 
 def choose_layout(param: torch.Tensor, group: dict) -> tuple[str, str]:
-    """Layout of a fresh state: fp32 up to ``min_quantized_numel`` elements, rank-1 v when >= 2 non-singleton dims."""
+    """The layout of a fresh state: fp32 up to ``min_quantized_numel`` elements, rank-1 v when >= 2 non-singleton
+    dims, block-wise v otherwise, factored v for ndim >= 2 under ``factor_second_moment``.
+
+    Args:
+        param: the parameter (only its shape is read).
+        group: its param group (``quantize``, ``min_quantized_numel``, ``factor_second_moment``).
+
+    Returns:
+        (m layout, v layout), a member of ``VALID_LAYOUTS``.
+    """
     quantized = group["quantize"] and param.numel() > group["min_quantized_numel"]
     if group["factor_second_moment"] and param.dim() >= 2:
         return ("q4" if quantized else "fp32"), "factored"
     if not quantized:
         return "fp32", "fp32"
-    return "q4", "rank1" if quant.uses_rank1(param.shape) else "block"
+    return "q4", "rank1" if quant4.uses_rank1(param.shape) else "block"
 
 
 def state_nbytes(optimizer: Optimizer) -> int:
-    """Bytes held in tensors of ``optimizer.state`` (codes, scales, fp32 states, step counters)."""
+    """Bytes held in the tensors of any optimizer's ``state`` (for AdamW4bit: codes, scales, fp32 states, steps).
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``.
+
+    Returns:
+        The sum of ``numel * element_size`` over the tensor values of every parameter's state; a tensor subclass
+        that wraps inner tensors (``__tensor_flatten__``: torchao's quantized states, DTensor) counts those.
+    """
     tensors = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(_tensor_nbytes(t) for t in tensors)
+
+
+def _tensor_nbytes(tensor: torch.Tensor) -> int:
+    inner = tensor.__tensor_flatten__()[0] if hasattr(type(tensor), "__tensor_flatten__") else []
+    if inner:
+        return sum(_tensor_nbytes(getattr(tensor, name)) for name in inner)
+    return tensor.numel() * tensor.element_size()
 
 
 class StateDictError(ValueError):
@@ -114,8 +158,16 @@ class StateDictError(ValueError):
 
 
 def state_value_problem(state: dict, param: torch.Tensor, m_layout: str, v_layout: str, block_size: int):
-    """(key, what is wrong) for the first entry of one parameter's state (keys, dtypes and shapes already checked)
-    that holds values no step writes, else None.
+    """The first entry of one parameter's state that holds values no step writes.
+
+    Args:
+        state: the state, its keys, dtypes and shapes already checked against ``state_spec``.
+        param: the parameter it belongs to (only its shape is read).
+        m_layout, v_layout: the state's layout (``state_layout``).
+        block_size: elements per quantisation block.
+
+    Returns:
+        (key, what is wrong) as two strings, or None when every value could have been written by a step.
 
     A step writes a whole ``step`` >= 1, finite fp32 tensors, scales and second moments >= 0, and codes that agree
     with their scales: where a scale is 0 every code is the zero code (m: ``DE_ZERO_CODE``, v: ``LINEAR_ZERO_CODE``),
@@ -137,16 +189,16 @@ def state_value_problem(state: dict, param: torch.Tensor, m_layout: str, v_layou
             return key, f"holds a negative value (flat index {first}: {value.flatten()[first].item()})"
     if m_layout == "q4":
         codes, scales = state["exp_avg_codes"], state["exp_avg_absmax"]
-        problem = _blockwise_codes_problem(codes, scales, numel, block_size, quant.DE_ZERO_CODE, (0, 15))
+        problem = _blockwise_codes_problem(codes, scales, numel, block_size, quant4.DE_ZERO_CODE, (0, 15))
         if problem:
             return "exp_avg_codes", problem
     if v_layout == "block":
         codes, scales = state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"]
-        problem = _blockwise_codes_problem(codes, scales, numel, block_size, quant.LINEAR_ZERO_CODE, (15,))
+        problem = _blockwise_codes_problem(codes, scales, numel, block_size, quant4.LINEAR_ZERO_CODE, (15,))
         if problem:
             return "exp_avg_sq_codes", problem
     if v_layout == "rank1":
-        stats = [state[f"exp_avg_sq_stat{k}"] for k in range(len(quant.squeezed_shape(param.shape)))]
+        stats = [state[f"exp_avg_sq_stat{k}"] for k in range(len(quant4.squeezed_shape(param.shape)))]
         return _rank1_codes_problem(state["exp_avg_sq_codes"], stats, numel)
     return None
 
@@ -161,12 +213,12 @@ def _pad_problem(nibbles: torch.Tensor, numel: int, zero_code: int) -> str | Non
 
 
 def _blockwise_codes_problem(packed, scales, numel: int, block_size: int, zero_code: int, top_codes: tuple):
-    nibbles = quant.unpack_4bit(packed, 2 * packed.numel())
+    nibbles = quant4.unpack_4bit(packed, 2 * packed.numel())
     problem = _pad_problem(nibbles, numel, zero_code)
     if problem:
         return problem
-    codes = quant.as_blocks(nibbles[:numel], block_size)
-    valid = quant.as_blocks(torch.ones(numel, dtype=torch.bool, device=packed.device), block_size)
+    codes = quant4.as_blocks(nibbles[:numel], block_size)
+    valid = quant4.as_blocks(torch.ones(numel, dtype=torch.bool, device=packed.device), block_size)
     stray = ((scales == 0)[:, None] & valid & (codes != zero_code)).any(dim=1)
     if stray.any():
         block = stray.nonzero()[0].item()
@@ -183,8 +235,8 @@ def _blockwise_codes_problem(packed, scales, numel: int, block_size: int, zero_c
 
 
 def _rank1_codes_problem(packed, stats: list[torch.Tensor], numel: int) -> tuple | None:
-    nibbles = quant.unpack_4bit(packed, 2 * packed.numel())
-    problem = _pad_problem(nibbles, numel, quant.LINEAR_ZERO_CODE)
+    nibbles = quant4.unpack_4bit(packed, 2 * packed.numel())
+    problem = _pad_problem(nibbles, numel, quant4.LINEAR_ZERO_CODE)
     if problem:
         return "exp_avg_sq_codes", problem
     for k, stat in enumerate(stats[1:], start=1):
@@ -196,11 +248,11 @@ def _rank1_codes_problem(packed, stats: list[torch.Tensor], numel: int) -> tuple
     codes = nibbles[:numel].view([stat.numel() for stat in stats])
     for k, stat in enumerate(stats):
         others = tuple(d for d in range(codes.dim()) if d != k)
-        zero_line, top_line = (codes == quant.LINEAR_ZERO_CODE).all(dim=others), (codes == 15).any(dim=others)
+        zero_line, top_line = (codes == quant4.LINEAR_ZERO_CODE).all(dim=others), (codes == 15).any(dim=others)
         wrong = ((stat == 0) & ~zero_line) | ((stat > 0) & ~top_line)
         if wrong.any():
             i = wrong.nonzero()[0].item()
-            expected = f"all {quant.LINEAR_ZERO_CODE}" if stat[i] == 0 else "a code 15 (its largest element's)"
+            expected = f"all {quant4.LINEAR_ZERO_CODE}" if stat[i] == 0 else "a code 15 (its largest element's)"
             return (
                 "exp_avg_sq_codes",
                 f"disagree with exp_avg_sq_stat{k}[{i}] = {stat[i].item()}: index {i} of dimension {k} should hold "
@@ -239,12 +291,25 @@ def _check_group(owner: str, group: dict) -> None:
 
 
 class AdamW4bit(Optimizer):
-    """AdamW with 4-bit m (block-wise, DE map) and 4-bit v (rank-1, linear map without zero); see the module doc.
+    """AdamW with 4-bit states (arXiv 2309.01507): m block-wise with the DE map, v rank-1 with the linear map without
+    zero; the update and the layouts are in the module docstring.
 
-    ``min_quantized_numel``: states of tensors with more elements than this are quantized (lpmm's ``numel > 4096``);
-    smaller tensors keep fp32 states. ``nonfinite_grads``: "raise" raises a ValueError naming the parameter before
-    anything is updated; "skip" leaves that parameter and its state untouched for this step and updates the others.
-    A param group may set ``quantize=False`` to keep fp32 states for its tensors (e.g. embeddings, bnb's convention).
+    Args:
+        params: parameters or param groups, as for ``torch.optim.Optimizer``: fp32, bf16 or fp16 tensors, not
+            DTensor. A group may set ``quantize=False`` to keep fp32 states for its tensors (e.g. embeddings, bnb's
+            convention).
+        lr: learning rate, a finite Python float >= 0.
+        betas: (beta1, beta2), each in [0, 1).
+        eps: added to the bias-corrected sqrt(v), >= 0.
+        weight_decay: decoupled weight decay, >= 0.
+        block_size: elements per quantisation block, a power of two >= 2.
+        min_quantized_numel: states of tensors with more elements than this are quantized (lpmm's
+            ``numel > 4096``); smaller tensors keep fp32 states.
+        nonfinite_grads: "raise" raises a ValueError naming the parameter before anything is updated; "skip" leaves
+            that parameter and its state untouched for this step and updates the others.
+
+    Raises:
+        ValueError: on an invalid hyper-parameter, here or in ``add_param_group``.
     """
 
     factor_second_moment = False
@@ -281,6 +346,18 @@ class AdamW4bit(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Update every parameter that has a gradient, in place, with its state.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss (run with grad enabled).
+
+        Returns:
+            The closure's loss, or None without a closure.
+
+        Raises:
+            ValueError: a gradient holds NaN or Inf under ``nonfinite_grads="raise"`` (nothing is updated).
+            RuntimeError: a sparse gradient. TypeError: a DTensor parameter.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -330,7 +407,7 @@ class AdamW4bit(Optimizer):
         m_layout, v_layout = choose_layout(p, group)
         for key, (dtype, shape) in state_spec(p, m_layout, v_layout, group["block_size"]).items():
             device = "cpu" if key == "step" else p.device
-            fill = 0x11 * quant.DE_ZERO_CODE if key == "exp_avg_codes" else 0  # m = 0 is code 7 in both nibbles
+            fill = 0x11 * quant4.DE_ZERO_CODE if key == "exp_avg_codes" else 0  # m = 0 is code 7 in both nibbles
             state[key] = torch.full(shape, fill, dtype=dtype, device=device)
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
@@ -346,7 +423,7 @@ class AdamW4bit(Optimizer):
         if m_layout == "q4" and v_layout in ("block", "rank1"):
             rank1 = v_layout == "rank1"
             v_scales = (
-                [state[f"exp_avg_sq_stat{k}"] for k in range(len(quant.squeezed_shape(p.shape)))]
+                [state[f"exp_avg_sq_stat{k}"] for k in range(len(quant4.squeezed_shape(p.shape)))]
                 if rank1
                 else [state["exp_avg_sq_absmax"]]
             )
@@ -359,17 +436,14 @@ class AdamW4bit(Optimizer):
 
     def _update_reference(self, p, state, scalars, block_size, m_layout, v_layout) -> None:
         """fp32 or factored v: the fused step's element-wise ops, on whole tensors."""
-        de = quant.dynamic_exponent_map(p.device)
         grad = p.grad.float()
         if m_layout == "fp32":
             exp_avg = fused.next_m(state["exp_avg"], grad, scalars)
             state["exp_avg"].copy_(exp_avg)
         else:
-            old = quant.dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], de, p.shape, block_size)
-            exp_avg = fused.next_m(old, grad, scalars)
-            codes, absmax = quant.quantize_blockwise(exp_avg, de, block_size)
-            state["exp_avg_codes"].copy_(codes)
-            state["exp_avg_absmax"].copy_(absmax)
+            exp_avg = fused.step_quantized_m(
+                state["exp_avg_codes"], state["exp_avg_absmax"], grad, scalars, block_size
+            )
         if v_layout == "factored":
             exp_avg_sq = self._factored_second_moment(state, grad, scalars)
         else:

@@ -12,7 +12,8 @@ d_out x d_in product is ever formed.
 
 It changes training only: an ALLoRA adapter is a plain LoRA adapter (lora_alpha == r, no dropout) that vanilla
 PEFT loads and runs unchanged. ``enable_allora(LoraConfig(...))`` returns a config whose linear layers train this
-way; nothing is added to ``adapter_config.json``.
+way; nothing is added to ``adapter_config.json``. ``ALLoRALinear`` takes the variant through PEFT's documented
+``lora_variants`` property; the layer factory goes through ``hf_ext.peft.peft_compat``.
 """
 
 import copy
@@ -21,14 +22,29 @@ import math
 
 import torch
 from peft import LoraConfig
-from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.lora.layer import LoraVariant
+from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+
+from hf_ext.peft.peft_compat import (
+    LoraVariant,
+    base_layer_of,
+    is_plain_linear,
+    linear_layer_kwargs,
+    register_layer_factory,
+)
 
 
 def allora_row_scale(weight_a: torch.Tensor, weight_b: torch.Tensor, eta: float) -> torch.Tensor:
-    """c (d_out,) fp32: 1 / sqrt(||(B A)_i|| + 1/eta^2), from the r x r Gram matrix A A^T, without gradient."""
+    """ALLoRA's per-row gradient scale ``c_i = 1 / sqrt(||(B A)_i|| + 1/eta^2)``, from the r x r Gram matrix A A^T.
+
+    Args:
+        weight_a: A, (r, d_in), any float dtype.
+        weight_b: B, (d_out, r), any float dtype.
+        eta: ALLoRA's eta (> 0): the scale of a zero row.
+
+    Returns:
+        c, (d_out,) fp32, without gradient.
+    """
     with torch.no_grad():
         weight_a, weight_b = weight_a.float(), weight_b.float()
         squared_norms = ((weight_b @ (weight_a @ weight_a.T)) * weight_b).sum(1).clamp(min=0)
@@ -36,7 +52,12 @@ def allora_row_scale(weight_a: torch.Tensor, weight_b: torch.Tensor, eta: float)
 
 
 class ALLoRAProduct(torch.autograd.Function):
-    """y = x A^T B^T; the gradients of A and B see dy scaled per output feature by c, the input's does not."""
+    """y = x A^T B^T; the gradients of A and B see dy scaled per output feature by c, the input's does not.
+
+    ``ALLoRAProduct.apply(x, weight_a, weight_b, eta)`` with x (..., d_in), A (r, d_in), B (d_out, r), eta > 0
+    returns y (..., d_out); backward gives dx = dy B A, dB = (c dy)^T (x A^T), dA = ((c dy) B)^T x, with
+    c = ``allora_row_scale(A, B, eta)`` from the forward's weights.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, eta: float) -> torch.Tensor:
@@ -79,6 +100,18 @@ class ALLoRALinearVariant(LoraVariant):
 
     @staticmethod
     def forward(module: LoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
+        """``result + B A x``: through ``ALLoRAProduct`` while ``module`` trains, plain LoRA in eval mode.
+
+        Args:
+            module: the ``ALLoRALinear`` (``lora_A``, ``lora_B``, ``allora_eta``).
+            active_adapter: the adapter to apply.
+            x: the layer input, (..., d_in), in the adapter's dtype (PEFT casts it).
+            result: the base layer's output, (..., d_out).
+            **kwargs: further keyword arguments of the layer's forward (unused).
+
+        Returns:
+            (..., d_out) tensor.
+        """
         lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
         if not module.training:
             return result + lora_b(lora_a(x))
@@ -86,35 +119,61 @@ class ALLoRALinearVariant(LoraVariant):
 
 
 class ALLoRALinear(LoraLinear):
-    """PEFT's LoRA ``Linear`` (for ``nn.Linear`` and GPT-2 ``Conv1D`` bases) with the ALLoRA variant."""
+    """PEFT's LoRA ``Linear`` (for ``nn.Linear`` and GPT-2 ``Conv1D`` bases) with the ALLoRA variant.
+
+    Args:
+        base_layer: an ``nn.Linear`` (exact type) or transformers ``Conv1D``, or a PEFT layer wrapping one.
+        adapter_name: the adapter to create.
+        config: its ``LoraConfig`` (see ``check_allora_config``); ``fan_in_fan_out`` is corrected to the base type
+            with a warning, as PEFT does.
+        eta: ALLoRA's eta (> 0).
+        **kwargs: PEFT's layer keyword arguments (``r``, ``lora_alpha``, ...).
+
+    Raises:
+        ValueError: for any other base type, naming it.
+    """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, eta: float, **kwargs):
-        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
-        if type(base) is not nn.Linear and not isinstance(base, Conv1D):
-            _refuse_target(base)
-        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+        base = base_layer_of(base_layer)
+        if not is_plain_linear(base):
+            raise ValueError(
+                f"use_allora: ALLoRA is defined for plain linear layers (torch.nn.Linear, transformers Conv1D), not "
+                f"{type(base).__module__}.{type(base).__name__}. Leave that layer out of target_modules, or train it "
+                "without ALLoRA."
+            )
+        super().__init__(base_layer, adapter_name, config=config, **linear_layer_kwargs(base, config, kwargs))
         self.allora_eta = eta
 
-    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs) -> LoraVariant:
-        return ALLoRALinearVariant()
-
-
-def _refuse_target(target: nn.Module, *args, **kwargs):
-    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-    raise ValueError(
-        f"use_allora: ALLoRA is defined for plain linear layers (torch.nn.Linear, transformers Conv1D), not "
-        f"{type(base).__module__}.{type(base).__name__}. Leave that layer out of target_modules, or train it "
-        "without ALLoRA."
-    )
+    @property
+    def lora_variants(self) -> dict:
+        return {(): ALLoRALinearVariant}
 
 
 def check_eta(eta: float) -> None:
+    """Check ALLoRA's eta.
+
+    Args:
+        eta: the value to check.
+
+    Raises:
+        ValueError: ``eta`` is not a finite number > 0.
+    """
     if not (0 < eta < math.inf):
         raise ValueError(f"allora_eta must be a finite number > 0, got {eta}.")
 
 
 def check_allora_config(config: LoraConfig, eta: float) -> None:
-    """The LoRA settings ALLoRA is defined with; each conflict raises naming its argument."""
+    """Check that ``config`` has the LoRA settings ALLoRA is defined with and ``eta`` is valid.
+
+    Args:
+        config: the ``LoraConfig`` to train with ALLoRA.
+        eta: ALLoRA's eta.
+
+    Raises:
+        TypeError: ``config`` is not a ``LoraConfig``.
+        ValueError: a conflicting setting (dropout, ``lora_alpha != r``, rsLoRA, DoRA, LoRA bias, per-layer ranks or
+            alphas) or an invalid ``eta``, naming the argument.
+    """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"use_allora needs a peft.LoraConfig, got {type(config).__name__}.")
     check_eta(eta)
@@ -144,15 +203,23 @@ def check_allora_config(config: LoraConfig, eta: float) -> None:
 
 
 def enable_allora(config: LoraConfig, eta: float = 2.0) -> LoraConfig:
-    """A copy of ``config`` whose LoRA layers train with ALLoRA (``eta`` = the paper's eta, default 2, eta^2 = 4).
+    """A copy of ``config`` whose LoRA layers train with ALLoRA.
 
     Use it like any ``LoraConfig`` (``get_peft_model(model, enable_allora(LoraConfig(r=8, lora_alpha=8,
-    lora_dropout=0.0)))``); targets other than linear layers are refused when the model is built. The saved adapter
-    is a plain LoRA adapter.
+    lora_dropout=0.0)))``); targets other than linear layers are refused when the model is built, not silently
+    given plain LoRA. The saved adapter is a plain LoRA adapter.
+
+    Args:
+        config: a ``LoraConfig`` that passes ``check_allora_config``; left unchanged.
+        eta: the paper's eta (eta^2 = 4 by default).
+
+    Returns:
+        The copy, with the ALLoRA layer factory registered (``peft_compat.register_layer_factory``).
+
+    Raises:
+        TypeError, ValueError: as ``check_allora_config``.
     """
     check_allora_config(config, eta)
     config = copy.deepcopy(config)
-    allora_layer = functools.partial(ALLoRALinear, eta=eta)
-    # First match wins: linear bases get ALLoRA, anything else PEFT would target is refused, not silently plain LoRA.
-    config._register_custom_module({nn.Linear: allora_layer, Conv1D: allora_layer, nn.Module: _refuse_target})
+    register_layer_factory(config, functools.partial(ALLoRALinear, eta=eta))
     return config

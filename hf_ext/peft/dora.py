@@ -7,7 +7,7 @@ For a linear layer with frozen ``W`` (d_out x d_in, after undoing ``fan_in_fan_o
     g   = m / n
     y   = result + (g - 1) * base + g * lora * s,    base = W x (= result - bias), lora = B A x
 
-which is PEFT 0.21.2's composition, in PEFT's product order, so CPU outputs match PEFT to fp32 rounding. It runs as
+which is PEFT's DoRA composition, in PEFT's product order, so CPU outputs match PEFT to fp32 rounding. It runs as
 one fused pass forward and one backward (``hf_ext.kernels.dora_compose``: Triton on CUDA, torch twin elsewhere)
 that keeps only ``base + s lora`` for the magnitude gradient. For the norm, PEFT pushes an identity matrix through
 both LoRA layers to form the d_out x d_in ``B A``; here ``n`` comes from ``hf_ext.kernels.dora_norm.
@@ -24,6 +24,10 @@ type) and transformers ``Conv1D`` targets get ``FastDoraLinear``, and whose bits
 one row chunk at a time (PEFT dequantizes the whole weight every forward), with ``||W||^2`` cached on the quantized
 storage; only the dropout path, which needs ``W dropout(x)``, dequantizes the whole weight, as PEFT does. Every
 other target type falls back to PEFT's own DoRA with a warning naming the type.
+
+The fast variant reaches the layers through PEFT's documented ``lora_variants`` property; what PEFT offers no public
+hook for (the layer factory, the bitsandbytes layers' variant choice, the DoRA cache) goes through
+``hf_ext.peft.peft_compat``, and every bitsandbytes layout detail through ``hf_ext.peft.bnb_compat``.
 """
 
 import copy
@@ -33,43 +37,64 @@ import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig
-from peft.tuners.lora import bnb as peft_bnb
-from peft.tuners.lora import dora as peft_dora
-from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.lora.layer import LoraLayer, LoraVariant
-from peft.tuners.lora.variants import DoraLinearVariant
-from peft.utils.other import transpose
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import Linear4bit as LoraLinear4bit
+from peft.tuners.lora import Linear8bitLt as LoraLinear8bitLt
+from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from hf_ext.kernels.dora_compose import dora_compose
 from hf_ext.kernels.dora_norm import factored_row_norm, weight_sq_norms
-from hf_ext.peft.quantized_rows import QuantizedRows, is_quantized_bnb
+from hf_ext.peft.bnb_compat import quantized_kind
+from hf_ext.peft.peft_compat import (
+    DoraLinearVariant,
+    DoraVariantFromMapping,
+    base_layer_of,
+    dora_cached_weight_norm,
+    is_plain_linear,
+    layer_variants,
+    linear_layer_kwargs,
+    register_layer_factory,
+)
+from hf_ext.peft.quantized_rows import QuantizedRows
 
 
 _CACHE_ATTR = "_fast_dora_weight_sq"
 
 
 def _weight_key(weight, fan_in_fan_out: bool) -> tuple:
+    """What identifies the base weight's current values: storage, version, shape, dtype, device and layout."""
     if isinstance(weight, QuantizedRows):
         return weight.cache_key()  # the quantized storage and its statistics
     return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device, fan_in_fan_out)
 
 
 def cached_weight_sq(module: nn.Module, weight, fan_in_fan_out: bool) -> torch.Tensor:
-    """``||W_i||^2`` per output row (fp32, detached), cached on ``module`` until the base weight changes.
+    """``||W_i||^2`` per output row, cached on ``module`` until the base weight changes.
 
-    ``weight``: the base weight, or the ``QuantizedRows`` of a bitsandbytes base."""
+    Args:
+        module: the layer to cache on (a plain attribute, never part of the state dict).
+        weight: the base weight, (d_out, d_in) or (d_in, d_out) with ``fan_in_fan_out``, or the ``QuantizedRows``
+            of a bitsandbytes base.
+        fan_in_fan_out: whether ``weight`` is stored as (d_in, d_out).
+
+    Returns:
+        (d_out,) fp32 tensor, detached.
+    """
     key = _weight_key(weight, fan_in_fan_out)
     entry = module.__dict__.get(_CACHE_ATTR)
     if entry is None or entry[0] != key:
         entry = (key, weight_sq_norms(weight, fan_in_fan_out))
-        module.__dict__[_CACHE_ATTR] = entry  # a plain attribute: never part of the state dict
+        module.__dict__[_CACHE_ATTR] = entry
     return entry[1]
 
 
 def clear_weight_sq_cache(module: nn.Module) -> None:
-    """Drop the cached ``||W||^2`` of ``module`` and of every submodule (e.g. after editing ``weight.data``)."""
+    """Drop the cached ``||W||^2`` of ``module`` and of every submodule (e.g. after editing ``weight.data``).
+
+    Args:
+        module: any module; its fast DoRA layers recompute ``||W||^2`` on their next forward.
+    """
     for sub in module.modules():
         sub.__dict__.pop(_CACHE_ATTR, None)
 
@@ -104,17 +129,12 @@ def _check_same_dtype_and_device(module: LoraLinear, adapter: str, weight, x: to
 
 
 def _weight_norm(module: LoraLinear, adapter: str, weight) -> torch.Tensor:
-    """The factored norm of ``module``'s ``adapter``. Under PEFT's ``DoraCaching`` in eval mode it is kept in the
-    magnitude layer's cache, as PEFT's own DoRA keeps it (same key; cleared in training or with caching off)."""
-    magnitude_layer = module.lora_magnitude_vector[adapter]
-    caching = peft_dora.ENABLE_DORA_CACHING and not magnitude_layer.training
-    if not caching:
-        magnitude_layer._cache_clear()
-    key = f"weight-norm-{adapter}"
-    weight_norm = magnitude_layer._cache_get(key, None) if caching else None
-    if weight_norm is None:
+    """The factored norm of ``module``'s ``adapter``, (d_out,) fp32. Under PEFT's ``DoraCaching`` in eval mode it is
+    kept in the magnitude layer's cache, as PEFT's own DoRA keeps its norm (same key; dropped otherwise)."""
+
+    def compute() -> torch.Tensor:
         fan_in_fan_out = module.fan_in_fan_out
-        weight_norm = factored_row_norm(
+        return factored_row_norm(
             weight,
             module.lora_A[adapter].weight,
             module.lora_B[adapter].weight,
@@ -122,9 +142,8 @@ def _weight_norm(module: LoraLinear, adapter: str, weight) -> torch.Tensor:
             fan_in_fan_out=fan_in_fan_out,
             weight_sq=cached_weight_sq(module, weight, fan_in_fan_out),
         )
-        if caching:
-            magnitude_layer._cache_store(key, weight_norm)
-    return weight_norm
+
+    return dora_cached_weight_norm(module.lora_magnitude_vector[adapter], adapter, compute)
 
 
 class FastDoraLinearVariant(DoraLinearVariant):
@@ -132,6 +151,23 @@ class FastDoraLinearVariant(DoraLinearVariant):
 
     @staticmethod
     def forward(module: LoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
+        """DoRA's output ``result + (g - 1) * W x + g * s * B A dropout(x)``, ``g = m / ||W + s B A||`` (per row).
+
+        Args:
+            module: the LoRA layer (``lora_A``, ``lora_B``, ``lora_dropout``, ``scaling``,
+                ``lora_magnitude_vector``, ``fan_in_fan_out`` and its base layer).
+            active_adapter: the adapter to apply.
+            x: the layer input, (..., d_in), in the adapter's dtype (PEFT casts it) unless autocast is on.
+            result: the base layer's output ``W x + bias``, (..., d_out).
+            **kwargs: further keyword arguments of the layer's forward (unused).
+
+        Returns:
+            (..., d_out) tensor in the dtype PEFT's DoRA gives: ``result``'s promoted with the adapter's.
+
+        Raises:
+            ValueError: base weight, adapter and input on different devices, or A, B and the input in different
+                dtypes (see ``_check_same_dtype_and_device``).
+        """
         lora_A = module.lora_A[active_adapter]
         lora_B = module.lora_B[active_adapter]
         dropout = module.lora_dropout[active_adapter]
@@ -139,7 +175,7 @@ class FastDoraLinearVariant(DoraLinearVariant):
         magnitude = module.lora_magnitude_vector[active_adapter].weight
         base_layer = module.get_base_layer()
         fan_in_fan_out = module.fan_in_fan_out
-        weight = QuantizedRows(base_layer) if is_quantized_bnb(base_layer) else base_layer.weight
+        weight = QuantizedRows(base_layer) if quantized_kind(base_layer) else base_layer.weight
         _check_same_dtype_and_device(module, active_adapter, weight, x)
 
         weight_norm = _weight_norm(module, active_adapter, weight)
@@ -148,75 +184,72 @@ class FastDoraLinearVariant(DoraLinearVariant):
         else:
             x = dropout(x)
             dense = weight.dense() if isinstance(weight, QuantizedRows) else weight
-            base_result, bias = F.linear(x, transpose(dense.to(x.dtype), fan_in_fan_out)), None
+            dense = dense.to(x.dtype)
+            base_result, bias = F.linear(x, dense.T if fan_in_fan_out else dense), None
 
         lora_result = lora_B(lora_A(x))
         return dora_compose(result, lora_result, magnitude, weight_norm, scaling, base=base_result, bias=bias)
 
 
-class _FastDoraVariantMixin:
-    """Swaps PEFT's ``DoraLinearVariant`` for ``FastDoraLinearVariant`` when a LoRA layer resolves its variant."""
+class _FastDoraVariants:
+    """The documented PEFT hook: a layer's ``lora_variants`` maps ``("use_dora",)`` to ``FastDoraLinearVariant``."""
 
-    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs) -> LoraVariant | None:
-        variant = super().resolve_lora_variant(config=config, **kwargs)
-        return FastDoraLinearVariant() if type(variant) is DoraLinearVariant else variant
+    @property
+    def lora_variants(self) -> dict:
+        return {**super().lora_variants, ("use_dora",): FastDoraLinearVariant}
 
 
-class FastDoraLinear(_FastDoraVariantMixin, LoraLinear):
-    """PEFT's LoRA ``Linear`` for ``nn.Linear`` and ``Conv1D`` bases; DoRA runs through ``FastDoraLinearVariant``."""
+class FastDoraLinear(_FastDoraVariants, LoraLinear):
+    """PEFT's LoRA ``Linear`` for ``nn.Linear`` and ``Conv1D`` bases; DoRA runs through ``FastDoraLinearVariant``.
+
+    Args:
+        base_layer: an ``nn.Linear`` (exact type) or transformers ``Conv1D``, or a PEFT layer wrapping one.
+        adapter_name: the adapter to create.
+        config: its ``LoraConfig``; ``fan_in_fan_out`` is corrected to the base type with a warning, as PEFT does.
+        **kwargs: PEFT's layer keyword arguments (``r``, ``lora_alpha``, ...).
+
+    Raises:
+        TypeError: for any other base type (``enable_fast_dora`` leaves those to PEFT's own DoRA).
+    """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs):
-        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
-        if isinstance(base, Conv1D):  # what PEFT's dispatch_default does for Conv1D
-            kwargs["is_target_conv_1d_layer"] = True
-            if not config.fan_in_fan_out:
-                warnings.warn(
-                    "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting it to True.",
-                    stacklevel=2,
-                )
-                config.fan_in_fan_out = True
-        elif type(base) is nn.Linear:
-            if config.fan_in_fan_out:
-                warnings.warn(
-                    "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting False.",
-                    stacklevel=2,
-                )
-                config.fan_in_fan_out = False
-        else:
+        base = base_layer_of(base_layer)
+        if not is_plain_linear(base):
             raise TypeError(
                 f"FastDoraLinear supports torch.nn.Linear (exact type) and transformers Conv1D bases, not "
                 f"{type(base).__module__}.{type(base).__name__}; use enable_fast_dora(config), which leaves other "
                 "layer types to PEFT's own DoRA."
             )
-        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+        super().__init__(base_layer, adapter_name, config=config, **linear_layer_kwargs(base, config, kwargs))
 
 
-class FastDoraLinear4bit(_FastDoraVariantMixin, peft_bnb.Linear4bit):
-    """PEFT's QLoRA ``Linear4bit`` layer (QDoRA) with ``FastDoraLinearVariant``: factored norm on 4-bit row chunks."""
+class FastDoraLinear4bit(DoraVariantFromMapping, _FastDoraVariants, LoraLinear4bit):
+    """PEFT's QLoRA ``Linear4bit`` layer (QDoRA) with ``FastDoraLinearVariant``: factored norm on 4-bit row chunks.
+
+    Constructed as PEFT's ``Linear4bit``: ``(base_layer, adapter_name, config, r=..., lora_alpha=..., **kwargs)`` with
+    a bitsandbytes ``Linear4bit`` base.
+    """
 
 
-class FastDoraLinear8bitLt(_FastDoraVariantMixin, peft_bnb.Linear8bitLt):
-    """PEFT's ``Linear8bitLt`` LoRA layer (QDoRA) with ``FastDoraLinearVariant``: factored norm on 8-bit row chunks."""
+class FastDoraLinear8bitLt(DoraVariantFromMapping, _FastDoraVariants, LoraLinear8bitLt):
+    """PEFT's ``Linear8bitLt`` LoRA layer (QDoRA) with ``FastDoraLinearVariant``: factored norm on 8-bit row chunks.
+
+    Constructed as PEFT's ``Linear8bitLt``: ``(base_layer, adapter_name, config, r=..., lora_alpha=..., **kwargs)``
+    with a bitsandbytes ``Linear8bitLt`` base.
+    """
 
 
 def _dispatch_fast_dora(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs) -> nn.Module | None:
-    """The custom-module factory: a fast DoRA layer for supported bases, ``None`` (PEFT's dispatchers) otherwise.
+    """The layer factory: a fast DoRA layer for supported bases, ``None`` (PEFT's dispatchers) otherwise.
 
-    bitsandbytes layers are taken under PEFT's own conditions (the model is loaded in 4/8 bit) with the keyword
-    arguments PEFT's ``dispatch_bnb_4bit`` / ``dispatch_bnb_8bit`` pass.
+    bitsandbytes layers are taken under PEFT's own condition: the model is loaded in 4/8 bit.
     """
-    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-    if type(base) is nn.Linear or isinstance(base, Conv1D):
+    base = base_layer_of(target)
+    if is_plain_linear(base):
         return FastDoraLinear(target, adapter_name, config=config, **kwargs)
     if kwargs.get("loaded_in_4bit") and isinstance(base, bnb.nn.Linear4bit):
-        kwargs.update(
-            compute_dtype=base.compute_dtype,
-            compress_statistics=base.weight.compress_statistics,
-            quant_type=base.weight.quant_type,
-        )
         return FastDoraLinear4bit(target, adapter_name, config=config, **kwargs)
     if kwargs.get("loaded_in_8bit") and isinstance(base, bnb.nn.Linear8bitLt):
-        kwargs.update(has_fp16_weights=base.state.has_fp16_weights, threshold=base.state.threshold, index=base.index)
         return FastDoraLinear8bitLt(target, adapter_name, config=config, **kwargs)
     warnings.warn(
         f"fast DoRA supports torch.nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt (in a "
@@ -230,20 +263,26 @@ def _dispatch_fast_dora(target: nn.Module, adapter_name: str, config: LoraConfig
 def _fast_path_supports(base: nn.Module) -> bool:
     """The base layers ``FastDoraLinearVariant`` runs on (the factory builds their layers, ``apply_fast_dora``
     switches existing ones): exact ``nn.Linear``, ``Conv1D`` and bitsandbytes' 4/8-bit linears."""
-    return type(base) is nn.Linear or isinstance(base, (Conv1D, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    return is_plain_linear(base) or isinstance(base, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
 def apply_fast_dora(model: nn.Module) -> int:
-    """Switch the DoRA adapters already in ``model`` to the fast variant; returns how many were switched.
+    """Switch the DoRA adapters already in ``model`` to the fast variant.
 
     For models whose layers ``enable_fast_dora`` did not build: an adapter loaded with ``PeftModel.from_pretrained``
     or ``load_adapter``, or a DoRA adapter added to a layer that already holds a plain LoRA adapter (PEFT then reuses
     the existing layer). Layers keep their PEFT class; an adapter added to them later needs another call. Linear DoRA
     adapters on other base types stay PEFT's, with a warning naming the type.
+
+    Args:
+        model: a ``PeftModel`` or any module holding PEFT LoRA layers; modified in place.
+
+    Returns:
+        How many adapters were switched (0 when none uses PEFT's linear DoRA variant).
     """
     switched = 0
     for name, module in model.named_modules():
-        variants = getattr(module, "lora_variant", None)
+        variants = layer_variants(module)
         if not isinstance(module, LoraLayer) or not variants:
             continue
         for adapter, variant in variants.items():
@@ -262,13 +301,32 @@ def apply_fast_dora(model: nn.Module) -> int:
     return switched
 
 
+def uses_fast_dora(model: nn.Module) -> bool:
+    """Whether any LoRA layer of ``model`` runs an adapter through the fast DoRA variant."""
+    return any(
+        isinstance(variant, FastDoraLinearVariant)
+        for module in model.modules()
+        for variant in layer_variants(module).values()
+    )
+
+
 def enable_fast_dora(config: LoraConfig) -> LoraConfig:
-    """A copy of ``config`` (which must have ``use_dora=True``) whose linear DoRA layers use the factored norm.
+    """A copy of ``config`` whose linear DoRA layers use the factored norm.
 
     Use it like any ``LoraConfig``: ``get_peft_model(model, enable_fast_dora(LoraConfig(use_dora=True, ...)))``.
     The registration is not serialized: the saved adapter is a plain PEFT DoRA adapter (reload it fast with
-    ``apply_fast_dora``). It catches every target type first, so register your own custom modules
+    ``apply_fast_dora``). Its factory sees every target type first, so register your own custom modules
     (``config._register_custom_module``) before calling this, not after.
+
+    Args:
+        config: a ``peft.LoraConfig`` with ``use_dora=True``; left unchanged.
+
+    Returns:
+        The copy, with hf_ext's layer factory registered (``peft_compat.register_layer_factory``).
+
+    Raises:
+        TypeError: ``config`` is not a ``LoraConfig``.
+        ValueError: ``use_dora`` is False.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"enable_fast_dora needs a peft.LoraConfig, got {type(config).__name__}.")
@@ -278,6 +336,5 @@ def enable_fast_dora(config: LoraConfig) -> LoraConfig:
             "or use the config as is for plain LoRA."
         )
     config = copy.deepcopy(config)
-    # nn.Module catches every target: the factory itself decides between FastDoraLinear and PEFT's dispatchers.
-    config._register_custom_module({nn.Module: _dispatch_fast_dora})
+    register_layer_factory(config, _dispatch_fast_dora)
     return config

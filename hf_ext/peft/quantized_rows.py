@@ -3,13 +3,12 @@
 PEFT's QDoRA (``dequantize_module_weight``) dequantizes the whole d_out x d_in weight every forward. The factored
 norm (``hf_ext.kernels.dora_norm``) reads W one block of output rows at a time, so a ``QuantizedRows`` hands it
 exactly those rows, with the values ``dequantize_module_weight`` would give (bnb's own dequantization of a slice
-of the quantized storage):
+of the quantized storage, ``hf_ext.peft.bnb_compat.row_dequantizer``):
 
 - ``Int8Params`` (``Linear8bitLt``): row-wise absmax, rows ``[a, b)`` are ``int8[a:b] * SCB[a:b] / 127`` (fp32);
-- ``Params4bit`` (``Linear4bit``, nf4/fp4, nested statistics or not): blocks of ``blocksize`` consecutive values
-  of the row-major weight; when ``d_in`` is a multiple of ``blocksize`` every row holds whole blocks and rows
-  ``[a, b)`` are dequantized from their packed bytes and absmax entries. Otherwise (rare: a row would split a
-  block, and bitsandbytes' CPU kernel indexes blocks per row shape) the whole weight is dequantized once per call.
+- ``Params4bit`` (``Linear4bit``, nf4/fp4, nested statistics or not): when ``d_in`` is a multiple of the block
+  size every row holds whole blocks and rows ``[a, b)`` are dequantized from their packed bytes and block scales;
+  otherwise the whole weight is dequantized once per ``QuantizedRows`` and sliced.
 
 ``cache_key()`` identifies the quantized storage (packed data and statistics: pointer, version, shape, dtype), so
 ``||W||^2`` can be cached across steps and is recomputed when the layer is re-quantized or merged.
@@ -17,58 +16,46 @@ of the quantized storage):
 
 import functools
 
-import bitsandbytes.functional as bnbF
 import torch
-from peft.utils.integrations import get_bnb_param_type
 
-
-def is_quantized_bnb(base_layer: torch.nn.Module) -> bool:
-    """A bnb base layer whose weight is stored quantized (8-bit int8 data or 4-bit packed)."""
-    weight = getattr(base_layer, "weight", None)
-    kind = get_bnb_param_type(weight) if weight is not None else False
-    return kind == "4bit" or (kind == "8bit" and weight.dtype == torch.int8)
+from hf_ext.peft.bnb_compat import dequantize, dequantized_spec, quantized_kind, row_dequantizer, storage_tensors
 
 
 class QuantizedRows:
-    """The dequantized (d_out, d_in) weight of a bnb ``Linear4bit`` / ``Linear8bitLt``, one row slice at a time."""
+    """The dequantized (d_out, d_in) weight of a bnb ``Linear4bit`` / ``Linear8bitLt``, one row slice at a time.
+
+    The row source ``hf_ext.kernels.dora_norm.factored_row_norm`` takes: ``shape``, ``dtype``, ``device``,
+    ``is_cuda``, ``dim()``, ``row_bytes`` and ``rows[a:b]``.
+
+    Args:
+        base_layer: a bitsandbytes layer whose weight is quantized (``bnb_compat.quantized_kind`` not ``None``).
+
+    Raises:
+        TypeError: for any other layer.
+    """
 
     def __init__(self, base_layer: torch.nn.Module):
-        if not is_quantized_bnb(base_layer):
+        kind = quantized_kind(base_layer)
+        if kind is None:
             raise TypeError(
                 f"QuantizedRows needs a bitsandbytes Linear4bit or Linear8bitLt with quantized weights, got "
                 f"{type(base_layer).__name__} with a {type(getattr(base_layer, 'weight', None)).__name__} weight."
             )
-        weight = base_layer.weight
-        self.device = weight.device
-        self.is_cuda = weight.is_cuda
+        self._layer = base_layer
+        self._kind = kind
+        self.shape, self.dtype = dequantized_spec(base_layer)
+        self.device = base_layer.weight.device
+        self.is_cuda = base_layer.weight.is_cuda
         self._dense = None
-        if get_bnb_param_type(weight) == "8bit":
-            self._kind = "8bit"
-            self.shape = torch.Size(weight.shape)
-            self.dtype = torch.float32
-            scb = weight.SCB if getattr(weight, "SCB", None) is not None else base_layer.state.SCB
-            self._scb = scb.to(weight.device)
-            self._stats = (scb,)
-        else:
-            self._kind = "4bit"
-            state = weight.quant_state
-            self.shape = torch.Size(state.shape)
-            self.dtype = state.dtype
-            self._state = state
-            self._stats = (state.absmax,)
-        self._weight = weight
 
     @functools.cached_property
-    def _absmax(self) -> torch.Tensor:
-        """The 4-bit blocks' fp32 scales (nested statistics dequantized), computed only when rows are read: a
-        forward that finds its norm cached (PEFT's ``DoraCaching``) never pays for it."""
-        state = self._state
-        absmax = state.absmax
-        if state.nested:
-            absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        return absmax.float()
+    def _read_rows(self):
+        """bnb's row reader, built on the first row read: a forward that finds its norm cached (PEFT's
+        ``DoraCaching``) never pays for the block statistics it prepares."""
+        return row_dequantizer(self._layer)
 
     def dim(self) -> int:
+        """2, as for the dense (d_out, d_in) weight."""
         return 2
 
     @property
@@ -78,37 +65,26 @@ class QuantizedRows:
         return d_in * 4 + (0 if self.dtype == torch.float32 else d_in * self.dtype.itemsize)
 
     def cache_key(self) -> tuple:
-        parts = [(t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in (self._weight, *self._stats)]
-        return (self._kind, tuple(self.shape), self.dtype, self.device, tuple(parts))
+        """A hashable key that changes when the quantized storage is replaced or modified in place.
+
+        Returns:
+            ``(kind, shape, dtype, device, ((data_ptr, _version, shape, dtype), ...))`` over the packed data and
+            its statistics.
+        """
+        parts = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in storage_tensors(self._layer))
+        return (self._kind, tuple(self.shape), self.dtype, self.device, parts)
 
     def dense(self) -> torch.Tensor:
-        """The whole dequantized weight: ``dequantize_module_weight``'s values, without its side effect on CPU (it
-        re-assigns an 8-bit weight, after which bitsandbytes' CPU forward fails)."""
+        """The whole dequantized weight, (d_out, d_in) in ``self.dtype``, computed once per ``QuantizedRows``."""
         if self._dense is None:
-            if self._kind == "8bit":
-                self._dense = bnbF.int8_vectorwise_dequant(self._weight.data, self._scb)
-            else:
-                self._dense = bnbF.dequantize_4bit(self._weight.data, self._state)
+            self._dense = dequantize(self._layer)
         return self._dense
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
+        """Rows ``[a, b)`` of the dequantized weight, (b - a, d_in) in ``self.dtype``; contiguous slices only."""
         start, stop, step = rows.indices(self.shape[0])
         if step != 1:
             raise ValueError(f"QuantizedRows takes contiguous row slices, got step {step}")
-        data = self._weight.data
-        if self._kind == "8bit":
-            return bnbF.int8_vectorwise_dequant(data[start:stop], self._scb[start:stop])
-        d_in, blocksize = self.shape[1], self._state.blocksize
-        if self._dense is not None or d_in % blocksize:
-            return self.dense()[start:stop]
-        per_row = d_in // blocksize
-        chunk_state = bnbF.QuantState(
-            absmax=self._absmax[start * per_row : stop * per_row],
-            shape=torch.Size([stop - start, d_in]),
-            code=self._state.code,
-            blocksize=blocksize,
-            quant_type=self._state.quant_type,
-            dtype=self.dtype,
-        )
-        packed = data.view(torch.uint8).reshape(-1)[start * d_in // 2 : stop * d_in // 2]  # any quant_storage
-        return bnbF.dequantize_4bit(packed, chunk_state).view(stop - start, d_in)
+        if self._dense is None and self._read_rows is not None:
+            return self._read_rows(start, stop)
+        return self.dense()[start:stop]

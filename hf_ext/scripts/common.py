@@ -37,9 +37,9 @@ class EmbeddedDatasetArguments:
 def check_launch_options(leftovers: list[str], parser) -> None:
     """Options that are neither a field of the recipe's dataclasses nor an ``accelerate launch`` option (which a
     recipe may carry, as TRL's do) are typos: refuse them before anything loads, with the closest names."""
-    from accelerate.commands.launch import launch_command_parser
+    from hf_ext.scripts.accelerate_compat import launch_option_strings
 
-    launch_options = {option for action in launch_command_parser()._actions for option in action.option_strings}
+    launch_options = launch_option_strings()
     launch_options.add("--accelerate_config")  # TRL's, turned into --config_file
     fields = {option for action in parser._actions for option in action.option_strings}
     for arg in leftovers:
@@ -234,20 +234,21 @@ def check_composition(
     from trl import get_peft_config
 
     from hf_ext.optim import OPTIMIZERS
+    from hf_ext.scripts.accelerate_compat import launched_distribution
     from hf_ext.trainers.adapter_args import adapter_peft_config
 
     adapter_peft_config(training_args, None, get_peft_config(model_args))
     if training_args.optim not in OPTIMIZERS:
         return
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        fsdp_version = fsdp_version or os.environ.get("FSDP_VERSION")
+    launched_fsdp, launched_deepspeed = launched_distribution()
+    fsdp_version = fsdp_version or launched_fsdp
     if str(fsdp_version) == "2":
         raise ValueError(
             f"optim={training_args.optim!r} does not support FSDP2 yet (its parameters are DTensors): use FSDP1 "
             "(fsdp_version: 1), DeepSpeed ZeRO (zero2, zero3) or DDP (multi_gpu) with it, or optim='adamw_torch' "
             "with FSDP2."
         )
-    deepspeed_config_file = deepspeed_config_file or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    deepspeed_config_file = deepspeed_config_file or launched_deepspeed
     for source in (training_args.deepspeed, deepspeed_config_file):
         if isinstance(source, str):
             with open(source) as handle:
@@ -270,7 +271,7 @@ def train(trainer_cls, script_args, training_args, model_args, dataset_args, bui
     ``overwrite_output_dir`` is set (``hf_ext.scripts.overwrite``)."""
     from trl import get_peft_config, get_quantization_config
 
-    from hf_ext.hub.card import training_recipe
+    from hf_ext.hub.recipe import training_recipe
     from hf_ext.scripts.lifetime import exit_with_launcher
     from hf_ext.scripts.overwrite import refuse_overwrite
     from hf_ext.scripts.quiet import muted_library_deprecations
@@ -301,7 +302,7 @@ def train(trainer_cls, script_args, training_args, model_args, dataset_args, bui
     if trainer.is_world_process_zero():
         print(summary_line(trainer, train_output), flush=True)
     # Let every rank's last collective finish and its gloo worker threads drop their tensors before the group goes:
-    # otherwise freeing the DDP reducer can deadlock at exit (seen on CPU/gloo with torch 2.13, about 1 run in 5).
+    # freeing the DDP reducer while a gloo worker still holds one can deadlock at exit.
     trainer.accelerator.wait_for_everyone()
     trainer.end()
     return trainer

@@ -2,7 +2,8 @@
 
 Every loss type trains on the same task with the same seeds and step budget.
 
-Loss types: by default every one of the installed TRL (sorted by name), then hf_ext's (``HF_EXT_LOSS_TYPES``).
+Loss types: by default every one of the installed TRL (sorted by name), then the registered hf_ext losses
+(``grpo_losses()``).
 Recipes: a loss type with a packaged recipe ``grpo_<loss_type>`` (hf_ext's; ``examples/configs/`` in the repository)
 trains with it; the others (TRL's) with ``grpo_ba`` with ``loss_type`` changed, plus the fields of
 ``TRL_RECIPE_FIELDS`` for the few that need more. ``--configs`` replaces the packaged recipes by a folder of your own.
@@ -48,10 +49,12 @@ LEARNING_RATES = (1e-3, 2e-3, 3e-3, 6e-3, 1e-2)
 
 
 def default_loss_types() -> list[str]:
-    """The installed TRL's loss types sorted by name, then hf_ext's; hf_ext's alone where TRL's cannot be read."""
-    from hf_ext.trainers import HF_EXT_LOSS_TYPES
+    """The installed TRL's loss types sorted by name, then the registered hf_ext losses; hf_ext's alone where TRL's
+    cannot be read."""
+    from hf_ext.trainers import grpo_losses, load_entry_point_losses
     from hf_ext.trainers.trl_compat import trl_loss_types
 
+    load_entry_point_losses()
     trl_names = trl_loss_types()
     if trl_names is None:
         warnings.warn(
@@ -59,7 +62,7 @@ def default_loss_types() -> list[str]:
             "TRL's with --loss_types (e.g. --loss_types dapo grpo ba) to include them.",
             stacklevel=2,
         )
-    return [*sorted(trl_names or ()), *HF_EXT_LOSS_TYPES]
+    return [*sorted(trl_names or ()), *grpo_losses()]
 
 
 def recipe_args(loss_type: str, configs) -> list[str]:
@@ -165,7 +168,7 @@ def write_sweep(sweeps: dict[str, dict[float, list[float]]], out: Path, seeds: l
 
 
 def write_outputs(runs: dict[str, list[dict]], rows: list[dict], out: Path, seeds: list[int]) -> None:
-    from hf_ext.trainers import HF_EXT_LOSS_TYPES
+    from hf_ext.trainers import grpo_losses
 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "curves.csv", "w", newline="") as handle:
@@ -197,7 +200,7 @@ def write_outputs(runs: dict[str, list[dict]], rows: list[dict], out: Path, seed
     for row, (loss_type, seed_runs) in zip(rows, runs.items(), strict=True):
         steps = [step for step, _ in seed_runs[0]["curve"]]
         mean = [statistics.mean(r["curve"][i][1] for r in seed_runs) for i in range(len(steps))]
-        own = loss_type in HF_EXT_LOSS_TYPES  # hf_ext's: thick solid lines; TRL's: thin dashed ones
+        own = loss_type in grpo_losses()  # hf_ext's: thick solid lines; TRL's: thin dashed ones
         axes.plot(
             steps,
             mean,

@@ -17,11 +17,13 @@ from hf_ext.scripts.quiet import muted_import_notices
 
 with muted_import_notices():  # in a rank that accelerate launched: the HF stack's first import
     from trl import DatasetMixtureConfig, ModelConfig, TrlParser
-    from trl.scripts.grpo import GRPOScriptArguments as TrlGRPOScriptArguments
 
     from hf_ext.embedded import EMBEDDED_TASK
     from hf_ext.scripts.common import EmbeddedDatasetArguments, parse_recipe, train
-    from hf_ext.trainers import GRPOConfig
+    from hf_ext.trainers import GRPOConfig, load_entry_point_losses
+    from hf_ext.trainers.trl_compat import GRPOScriptArguments as TrlGRPOScriptArguments
+
+    load_entry_point_losses()  # losses of installed packages (entry-point group hf_ext.grpo_losses) get their fields
 
 
 @dataclass

@@ -21,7 +21,7 @@ def refuse_overwrite(training_args) -> None:
     """Raises ``FileExistsError`` when ``training_args.output_dir`` holds one of ``SAVED_MODEL_FILES`` or a
     ``checkpoint-N`` folder, unless the run resumes (``resume_from_checkpoint`` set) or ``overwrite_output_dir`` is
     true. A missing ``output_dir``, or one holding other files only (logs, a model card), passes."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from hf_ext.trainers.transformers_compat import get_last_checkpoint
 
     output_dir = training_args.output_dir
     if training_args.resume_from_checkpoint or training_args.overwrite_output_dir or not os.path.isdir(output_dir):

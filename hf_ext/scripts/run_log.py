@@ -6,7 +6,7 @@ import os
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
-from hf_ext.trainers import HF_EXT_LOSS_TYPES
+from hf_ext.trainers import grpo_losses
 
 
 GRPO_COLUMNS = ("reward", "reward_std", "kl", "entropy")
@@ -15,10 +15,11 @@ SFT_COLUMNS = ("loss", "mean_token_accuracy", "entropy")
 
 def log_columns(logs: dict) -> list[str]:
     """The columns of a row for logs like ``logs``: those of ``GRPO_COLUMNS`` present, or where no reward is logged
-    (SFT) of ``SFT_COLUMNS``; then, in logged order, the metrics an hf_ext loss logs under its loss type's name
-    (``ba/pos_weight``)."""
+    (SFT) of ``SFT_COLUMNS``; then, in logged order, the metrics a registered hf_ext loss logs under its
+    metric prefix (``ba/pos_weight``)."""
     headline = GRPO_COLUMNS if "reward" in logs else SFT_COLUMNS
-    own = [name for name in logs if "/" in name and name.split("/")[0] in HF_EXT_LOSS_TYPES]
+    prefixes = {cls.metric_prefix or cls.name for cls in grpo_losses().values()}
+    own = [name for name in logs if "/" in name and name.split("/")[0] in prefixes]
     return [name for name in headline if name in logs] + own
 
 

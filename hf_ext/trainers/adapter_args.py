@@ -6,8 +6,10 @@ Training flags live in the training config, never in ``adapter_config.json``: th
 
 from dataclasses import dataclass, field
 
+from .. import papers
+from ..papers import Method
 from ..peft.allora import check_allora_config, check_eta, enable_allora
-from ..peft.dora import apply_fast_dora, enable_fast_dora
+from ..peft.dora import apply_fast_dora, enable_fast_dora, uses_fast_dora
 
 
 DORA_IMPLS = ("fused", "peft")
@@ -66,3 +68,29 @@ def apply_adapter_switches(args: AdapterArguments, model) -> None:
     from ``PeftModel.from_pretrained``) also get the fast path when ``dora_impl="fused"``."""
     if args.dora_impl == "fused":
         apply_fast_dora(model)
+
+
+def adapter_card_sections(args, model, peft_config) -> list[Method]:
+    """The model card's entries for DoRA (naming the implementation that runs) and ALLoRA, where the run uses them.
+    ``args`` may be a plain TRL config, which has no hf_ext switch; ``peft_config`` is the active adapter's or None."""
+    sections = []
+    if peft_config is not None and peft_config.use_dora:
+        fast = uses_fast_dora(model)
+        sections.append(
+            Method(
+                "DoRA, factored weight norm (hf_ext fast path)" if fast else "DoRA (PEFT's implementation)",
+                "dora",
+                (papers.DORA, papers.SCALING_DORA) if fast else (papers.DORA,),
+                {"r": peft_config.r, "lora_alpha": peft_config.lora_alpha, "fast_path": fast},
+            )
+        )
+    if getattr(args, "use_allora", False):
+        sections.append(
+            Method(
+                "ALLoRA",
+                "allora",
+                (papers.ALLORA,),
+                {"allora_eta": args.allora_eta, "r": peft_config.r, "lora_alpha": peft_config.lora_alpha},
+            )
+        )
+    return sections

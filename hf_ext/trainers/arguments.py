@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field
 from numbers import Real
 
-from ..hub.card import given_fields
 from ..hub.publish import require_hub_token
+from ..hub.recipe import given_fields
 from .adapter_args import AdapterArguments
 from .optim_args import OptimizerArguments
 
@@ -47,6 +47,24 @@ RANGES = (
 
 @dataclass
 class HfExtArguments(AdapterArguments, OptimizerArguments):
+    r"""
+    The fields every hf_ext training config adds to its TRL base.
+
+    Parameters:
+        use_allora (`bool`, *optional*, defaults to `False`):
+            Train the LoRA adapter (``peft_config``) with ALLoRA, arXiv 2410.09692.
+        allora_eta (`float`, *optional*, defaults to `2.0`):
+            ALLoRA's eta: the gradient scale of an output row while it is zero.
+        dora_impl (`str`, *optional*, defaults to `"fused"`):
+            With DoRA (`use_dora=True` in the LoRA config): `"fused"` for hf_ext's factored weight norm, `"peft"`
+            for PEFT's own.
+        optim (`str`):
+            Any Transformers optimizer, or `"hf_ext_adamw_4bit"` / `"hf_ext_adamw_4bit_factor"` (4-bit AdamW states,
+            arXiv 2309.01507) with `optim_args` keys `block_size`, `min_quantized_numel`, `nonfinite_grads`.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Train into an output_dir that already holds a saved model or checkpoints.
+    """
+
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -62,9 +80,8 @@ class HfExtArguments(AdapterArguments, OptimizerArguments):
         if self.push_to_hub:
             require_hub_token(self.hub_token, "push_to_hub=True")
         self._check_adapter_arguments()
-        optim = self._hand_over_optim()
-        super().__post_init__()
-        self._take_back_optim(optim)
+        with self._optim_past_the_enum():
+            super().__post_init__()
 
     def _check_ranges(self) -> None:
         """Raises ``ValueError`` naming the first field outside ``RANGES``, ``max_steps=0``, or, when ``max_steps``

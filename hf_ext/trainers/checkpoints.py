@@ -32,12 +32,19 @@ import warnings
 import zipfile
 
 import torch
-from transformers.trainer import OPTIMIZER_NAME, SCALER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
 from ..optim.adamw4bit import StateDictError
 from .optim_args import apply_run_policies, check_resumed_optimizer
+from .transformers_compat import (
+    OPTIMIZER_NAME,
+    PREFIX_CHECKPOINT_DIR,
+    SCALER_NAME,
+    SCHEDULER_NAME,
+    TRAINER_STATE_NAME,
+    rng_state_name,
+    rotate_checkpoints,
+)
 
 
 RECORD_NAME = "hf_ext_checkpoint.json"
@@ -270,7 +277,7 @@ class CheckpointMixin:
         """The files this process loads from ``checkpoint`` besides the weights: warn for missing ones, refuse
         damaged ones and an optimizer state this run cannot continue."""
         own_optimizer_files = not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
-        rng = "rng_state.pth" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}.pth"
+        rng = rng_state_name(self.args.world_size, self.args.process_index)
         expected = {rng: "the random number generators are not restored (sampling and dropout draw other numbers)"}
         if own_optimizer_files:
             fresh = "the optimizer and the learning-rate scheduler start fresh (the Trainer loads them together)"

@@ -1,4 +1,4 @@
-"""REAL (Rewards as Labels, arXiv 2602.05630) wired into TRL's GRPO trainer; math in ``hf_ext.losses.real``.
+"""REAL (Rewards as Labels, arXiv 2602.05630) as GRPO losses; math in ``hf_ext.losses.real``.
 
 ``loss_type="real"`` couples the rows of a group through a log-sum-exp, while TRL scatters a group's rows over
 micro-batches and processes. It is made exact on-policy (``gradient_accumulation_steps`` a multiple of
@@ -12,71 +12,118 @@ Off-policy configurations are refused at config time.
 BCE of the micro-batch is divided by the global number of valid rows (as TRL's ``dapo`` divides by tokens).
 """
 
-import torch
-from accelerate.utils import gather
+from dataclasses import dataclass, field
 
+import torch
+
+from .. import papers
 from ..losses.real import (
+    REAL_VARIANTS,
     real_bce_loss,
     real_bce_targets,
-    real_group_loss,
     real_group_metrics,
     real_labels,
-    real_product_group_loss,
+    real_onpolicy_coefficients,
     sequence_scores,
 )
+from .grpo_loss import GRPOLoss, check, check_choice, check_finite, check_sequence_level_switches, register_grpo_loss
 
 
-REAL_VARIANTS = {"anchor": real_group_loss, "product": real_product_group_loss}
+@dataclass
+class RealSettings:
+    real_tau: float = field(default=0.5, metadata={"help": "REAL: score temperature (> 0); gradients <= 1/tau."})
+    real_variant: str = field(
+        default="anchor", metadata={"help": "REAL: 'anchor' (paper's equation (8)) or 'product' (pairwise)."}
+    )
+    real_sign_tolerance: float = field(
+        default=1e-6, metadata={"help": "REAL: rows with |advantage| <= this are unlabelled."}
+    )
+
+    @staticmethod
+    def check(config) -> None:
+        """REAL's fields and, for ``"real"``, the on-policy layout. Runs after TRL's ``__post_init__`` (which derives
+        ``steps_per_generation``) and after the range checks, which leave it and ``num_iterations`` >= 1."""
+        check_finite(config, "real_sign_tolerance")
+        check_finite(config, "real_tau", strict=True)
+        check_choice(config, "real_variant", REAL_VARIANTS)
+        generate_every = config.steps_per_generation * config.num_iterations
+        check(
+            config.loss_type == "real_bce" or config.gradient_accumulation_steps % generate_every == 0,
+            "loss_type='real' is exact only on-policy (a group's rows meet in one log-sum-exp, but TRL spreads "
+            "them over micro-batches): gradient_accumulation_steps must be a multiple of steps_per_generation * "
+            f"num_iterations, got {config.gradient_accumulation_steps} and {config.steps_per_generation} * "
+            f"{config.num_iterations}. Leave steps_per_generation unset and num_iterations=1, or use "
+            "loss_type='real_bce', which is exact off-policy.",
+        )
+        check_sequence_level_switches(config, "REAL scores whole sequences")
 
 
-def onpolicy_coefficients(group_loss, positive, negative, num_generations: int, tau: float) -> torch.Tensor:
-    """dL/ds at s = 0 for every row, scaled so that sum(coef * s) / num_groups has the gradient of mean L."""
-    scores = torch.zeros(positive.shape, dtype=torch.float64, device=positive.device, requires_grad=True)
-    num_groups = positive.numel() // num_generations
-    (coef,) = torch.autograd.grad(group_loss(scores, positive, negative, num_generations, tau) * num_groups, scores)
-    return coef
+class _RewardsAsLabels(GRPOLoss):
+    title = "Rewards as Labels"
+    papers = (papers.REAL,)
+    settings = RealSettings
+    metric_prefix = "real"
+
+    def scores(self, model, inputs: dict) -> torch.Tensor:
+        """(B,) sequence scores s_i under the current policy; logs their mean (0 on-policy)."""
+        per_token_logps, _, mask = self.policy_logps(model, inputs)
+        scores = sequence_scores(per_token_logps, inputs.get("old_per_token_logps"), mask)
+        self.log(self.mode, "score_mean", self.trainer.accelerator.gather(scores.detach().mean()).mean().item())
+        return scores
+
+    def labels_of_groups(self, output: dict) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        """(gathered advantages (N,) float64, gathered loss-token counts (N, 1), this process's rows)."""
+        token_counts = self.gather(self.loss_mask(output).sum(1, keepdim=True))  # labels only ask "any token?"
+        advantages = self.gather(output["advantages"].double())
+        return advantages, token_counts, self.local_rows(len(output["advantages"]))
 
 
-class RewardsAsLabelsMixin:
-    def _prepare_real(self, output: dict, mode: str) -> None:
-        """Adds ``real_coef`` (B,) for `real`; ``real_target``, ``real_valid`` (B,) and ``real_num_valid`` for BCE."""
-        num_generations, tolerance, tau = self._group_size(mode), self.args.real_sign_tolerance, self.args.real_tau
-        token_counts = gather(self._loss_mask(output).sum(1, keepdim=True))  # (N, 1): the labels only ask "any token?"
-        advantages = gather(output["advantages"].double())
-        local = self._local_rows(len(output["advantages"]))
-        if self.loss_type == "real_bce":
-            targets, valid = real_bce_targets(advantages, token_counts, num_generations, tolerance)
-            output["real_target"], output["real_valid"] = targets[local].float(), valid[local]
-            output["real_num_valid"] = valid.sum().float()
-            valid_groups = valid.view(-1, num_generations).any(1).double().mean().item()
-            self._metrics[mode]["real/valid_group_frac"].append(valid_groups)
-            return
-        positive, negative = real_labels(advantages, token_counts, tolerance)
-        group_loss = REAL_VARIANTS[self.args.real_variant]
-        coef = onpolicy_coefficients(group_loss, positive, negative, num_generations, tau)
+@register_grpo_loss
+class RewardsAsLabels(_RewardsAsLabels):
+    """Equation (8) (or the pairwise ``product`` variant), on-policy, through per-row constants."""
+
+    name = "real"
+
+    def prepare(self, output: dict, mode: str) -> None:
+        """Adds ``real_coef`` (B,): dL/ds at s = 0 of each local row, from the whole gathered groups."""
+        advantages, token_counts, local = self.labels_of_groups(output)
+        num_generations, tau = self.group_size(mode), self.args.real_tau
+        positive, negative = real_labels(advantages, token_counts, self.args.real_sign_tolerance)
+        coef = real_onpolicy_coefficients(positive, negative, num_generations, tau, self.args.real_variant)
         output["real_coef"] = coef[local].float()
         zero_scores = torch.zeros_like(advantages)
         metrics = real_group_metrics(zero_scores, positive, negative, num_generations)
-        self._metrics[mode]["real/valid_group_frac"].append(metrics["valid_group_frac"])
-        self._metrics[mode]["real/loss_at_generation"].append(
-            group_loss(zero_scores, positive, negative, num_generations, tau).item()
-        )
+        self.log(mode, "valid_group_frac", metrics["valid_group_frac"])
+        group_loss = REAL_VARIANTS[self.args.real_variant]
+        self.log(mode, "loss_at_generation", group_loss(zero_scores, positive, negative, num_generations, tau).item())
 
-    def _real_loss(self, model, inputs: dict) -> torch.Tensor:
-        per_token_logps, _, mask = self._policy_logps(model, inputs)
-        scores = sequence_scores(per_token_logps, inputs.get("old_per_token_logps"), mask)
-        mode = "train" if self.model.training else "eval"
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
-        if self.loss_type == "real_bce":
-            valid = inputs["real_valid"]
-            summed = real_bce_loss(scores, inputs["real_target"], valid, self.args.real_tau) * valid.sum().clamp(min=1)
-            normalizer = inputs["real_num_valid"].clamp(min=1) / self.accelerator.num_processes
-            if mode == "train":
-                normalizer = normalizer * accumulation / self.args.steps_per_generation
-            loss = summed / normalizer
-        else:
-            num_groups = scores.numel() / self._group_size(mode)
-            loss = (inputs["real_coef"] * scores).sum() / num_groups / accumulation
-        # mean log-ratio to the old policy: 0 on-policy, drifts off-policy (real_bce with num_iterations > 1)
-        self._metrics[mode]["real/score_mean"].append(self.accelerator.gather(scores.detach().mean()).mean().item())
-        return loss
+    def loss(self, model, inputs: dict) -> torch.Tensor:
+        scores = self.scores(model, inputs)
+        mode = self.mode
+        num_groups = scores.numel() / self.group_size(mode)
+        return (inputs["real_coef"] * scores).sum() / num_groups / self.accumulation(mode)
+
+
+@register_grpo_loss
+class RewardsAsLabelsBCE(_RewardsAsLabels):
+    """Each row classified alone (is it its group's best?): separable, exact on- and off-policy."""
+
+    name = "real_bce"
+
+    def prepare(self, output: dict, mode: str) -> None:
+        """Adds ``real_target``, ``real_valid`` (B,) and ``real_num_valid`` (the global count of valid rows)."""
+        advantages, token_counts, local = self.labels_of_groups(output)
+        num_generations = self.group_size(mode)
+        targets, valid = real_bce_targets(advantages, token_counts, num_generations, self.args.real_sign_tolerance)
+        output["real_target"], output["real_valid"] = targets[local].float(), valid[local]
+        output["real_num_valid"] = valid.sum().float()
+        self.log(mode, "valid_group_frac", valid.view(-1, num_generations).any(1).double().mean().item())
+
+    def loss(self, model, inputs: dict) -> torch.Tensor:
+        scores = self.scores(model, inputs)
+        mode, valid = self.mode, inputs["real_valid"]
+        summed = real_bce_loss(scores, inputs["real_target"], valid, self.args.real_tau) * valid.sum().clamp(min=1)
+        normalizer = inputs["real_num_valid"].clamp(min=1) / self.trainer.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * self.accumulation(mode) / self.args.steps_per_generation
+        return summed / normalizer

@@ -10,13 +10,16 @@ are no part of the state, so that ``recipe.yaml`` and the model card record what
 """
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
-from transformers.training_args import OptimizerNames
 
+from .. import papers
 from ..optim import OPTIMIZERS
+from ..papers import Method
+from .transformers_compat import OptimizerNames
 
 
 OPTIM_ARG_TYPES = {"block_size": int, "min_quantized_numel": int, "nonfinite_grads": str}
@@ -132,22 +135,30 @@ class OptimizerArguments:
         },
     )
 
-    def _hand_over_optim(self) -> str | None:
-        """Before the base ``__post_init__``: stand a valid enum value in for an hf_ext name; returns the name."""
-        name = optim_name(self)
-        if name in OPTIMIZERS:
-            parse_optim_args(name, self.optim_args)
-            self.optim = "adamw_torch"
-            return name
-        if name not in {member.value for member in OptimizerNames}:
-            raise ValueError(
-                f"optim={name!r} is not known; hf_ext's: {', '.join(OPTIMIZERS)}; Transformers': "
-                f"{', '.join(member.value for member in OptimizerNames)}."
-            )
-        return None
+    @contextmanager
+    def _optim_past_the_enum(self):
+        """Runs the base ``__post_init__`` (the ``with`` body) with an hf_ext ``optim`` name carried past it.
 
-    def _take_back_optim(self, name: str | None) -> None:
-        if name is not None:
+        ``transformers.TrainingArguments.__post_init__`` converts ``optim`` into its ``OptimizerNames`` enum, which
+        has no hf_ext name, and reads ``optim`` for nothing else (the contract test in ``test_transformers_compat``
+        holds it to that). So an hf_ext name (its ``optim_args`` parsed first) has the enum value "adamw_torch" stand
+        in during the body and is put back after it, also when the body raises. Any other name must be one of
+        Transformers'.
+        """
+        name = optim_name(self)
+        if name not in OPTIMIZERS:
+            if name not in {member.value for member in OptimizerNames}:
+                raise ValueError(
+                    f"optim={name!r} is not known; hf_ext's: {', '.join(OPTIMIZERS)}; Transformers': "
+                    f"{', '.join(member.value for member in OptimizerNames)}."
+                )
+            yield
+            return
+        parse_optim_args(name, self.optim_args)
+        self.optim = "adamw_torch"
+        try:
+            yield
+        finally:
             self.optim = name
 
 
@@ -161,3 +172,15 @@ class OptimizerMixin:
         from transformers import Trainer
 
         return Trainer.get_optimizer_cls_and_kwargs(args, model)
+
+
+def optimizer_card_section(args: TrainingArguments) -> Method | None:
+    """The model card's entry for hf_ext's 4-bit AdamW, when ``args.optim`` names it."""
+    if args.optim not in OPTIMIZERS:
+        return None
+    return Method(
+        f"4-bit AdamW states (`{args.optim}`)",
+        args.optim,
+        (papers.ADAMW_4BIT,),
+        {"optim": args.optim, "learning_rate": args.learning_rate, **parse_optim_args(args.optim, args.optim_args)},
+    )

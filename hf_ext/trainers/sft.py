@@ -6,8 +6,8 @@ import trl
 
 from .adapter_args import adapter_peft_config, apply_adapter_switches
 from .arguments import HfExtArguments
-from .card import ModelCardMixin
 from .checkpoints import CheckpointMixin
+from .model_card import ModelCardMixin
 from .optim_args import OptimizerMixin
 
 
@@ -17,16 +17,8 @@ class SFTConfig(HfExtArguments, trl.SFTConfig):
     TRL's [`trl.SFTConfig`] plus hf_ext's switches. Every TRL field keeps its meaning and default.
 
     Parameters:
-        use_allora (`bool`, *optional*, defaults to `False`):
-            Train the LoRA adapter (``peft_config``) with ALLoRA, arXiv 2410.09692.
-        allora_eta (`float`, *optional*, defaults to `2.0`):
-            ALLoRA's eta: the gradient scale of an output row while it is zero.
-        dora_impl (`str`, *optional*, defaults to `"fused"`):
-            With DoRA (`use_dora=True` in the LoRA config): `"fused"` for hf_ext's factored weight norm, `"peft"`
-            for PEFT's own.
-        optim (`str`):
-            Any Transformers optimizer, or `"hf_ext_adamw_4bit"` / `"hf_ext_adamw_4bit_factor"` (4-bit AdamW states,
-            arXiv 2309.01507) with `optim_args` keys `block_size`, `min_quantized_numel`, `nonfinite_grads`.
+        use_allora, allora_eta, dora_impl, optim, overwrite_output_dir:
+            hf_ext's switches shared by its training configs: see [`hf_ext.trainers.arguments.HfExtArguments`].
     """
 
 
