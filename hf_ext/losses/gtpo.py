@@ -129,6 +129,7 @@ def conflict_weights(
     conflict_weight: float = 2.0,
     combine: str = "product",
     sign_tolerance: float = 1e-6,
+    runs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """lambda_{i,t}: W / 0 on run tokens of positive / negative rows, 1 on other valid tokens, 0 on padding.
 
@@ -141,6 +142,7 @@ def conflict_weights(
         combine: ``"product"`` (the prefix and suffix factors multiply, W^2 on tokens in both runs, as the code) or
             ``"union"`` (W once).
         sign_tolerance: tol; rows with |A_i| <= tol are not active.
+        runs: ``conflict_runs`` of the same arguments, when the caller has them already.
 
     Returns:
         (N, T) float in the dtype of ``advantages`` (the default float dtype if they are not floating point).
@@ -152,7 +154,9 @@ def conflict_weights(
         raise ValueError(f"combine={combine!r} is not one of {COMBINES}; use 'product' (the code's W^2) or 'union'")
     if not conflict_weight >= 0:
         raise ValueError(f"conflict_weight={conflict_weight} must be >= 0 (the paper uses 2.0)")
-    prefix, suffix = conflict_runs(completion_ids, completion_mask, advantages, num_generations, sign_tolerance)
+    if runs is None:
+        runs = conflict_runs(completion_ids, completion_mask, advantages, num_generations, sign_tolerance)
+    prefix, suffix = runs
     dtype = advantages.dtype if advantages.is_floating_point() else torch.get_default_dtype()
     run_weight = torch.where(advantages > sign_tolerance, conflict_weight, 0.0).to(dtype)[:, None]
     one = torch.ones((), dtype=dtype, device=run_weight.device)

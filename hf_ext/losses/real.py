@@ -108,6 +108,33 @@ def real_labels(
     return (advantages > sign_tolerance) & has_tokens, (advantages < -sign_tolerance) & has_tokens
 
 
+def real_binary_labels(rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """("binary" label mode, the official code's) positive iff r_i == 1, negative iff r_i == 0; rows without loss
+    tokens are neither.
+
+    Args:
+        rewards: (N,) float, each row's reward (the weighted sum over reward functions), each 0 or 1.
+        mask: (N, T) 0/1 (bool, int or float), the loss tokens.
+
+    Returns:
+        ``(positive, negative)``: two bool (N,) tensors, the labels O+ and O-.
+
+    Raises:
+        ValueError: if a reward is neither 0 nor 1 (naming the first such row), or the shapes disagree.
+    """
+    _check_vector("rewards", rewards)
+    has_tokens = _has_tokens(mask, rewards.numel())
+    other = ((rewards != 0) & (rewards != 1)).nonzero()
+    if len(other):
+        row = other[0].item()
+        raise ValueError(
+            f"real_label_mode='binary' labels completions by rewards of exactly 0 or 1, but completion {row} of the "
+            f"generation batch has reward {rewards[row].item()!r} ({len(other)} such): use real_label_mode="
+            "'advantage' (labels by the sign of the advantage), which takes any reward."
+        )
+    return (rewards == 1) & has_tokens, (rewards == 0) & has_tokens
+
+
 def _grouped_logits(scores, positive, negative, num_generations, tau):
     """(S, P, N, valid): scores / tau and the labels as (Q, G), and which groups hold both labels (Q,)."""
     _check_labels(scores, positive, negative, num_generations)

@@ -260,6 +260,8 @@ class CheckpointMixin:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
+        if self.args.should_save:
+            self._save_method_state(checkpoint)
         self.accelerator.wait_for_everyone()  # every process's files (RNG states) are written
         if self.args.should_save:
             write_record(checkpoint, self.state.global_step)
@@ -271,7 +273,14 @@ class CheckpointMixin:
         checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
             self._check_resume_files(checkpoint)
+            self._load_method_state(checkpoint)
         return super().train(checkpoint, *args, **kwargs)
+
+    def _save_method_state(self, checkpoint: str) -> None:
+        """Writes what an hf_ext method keeps across steps into ``checkpoint`` (main process, before the record)."""
+
+    def _load_method_state(self, checkpoint: str) -> None:
+        """Restores what ``_save_method_state`` wrote into ``checkpoint``, before training resumes."""
 
     def _check_resume_files(self, checkpoint: str) -> None:
         """The files this process loads from ``checkpoint`` besides the weights: warn for missing ones, refuse

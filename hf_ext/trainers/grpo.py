@@ -24,6 +24,7 @@ from .adapter_args import adapter_peft_config, apply_adapter_switches
 from .arguments import HfExtArguments
 from .checkpoints import CheckpointMixin
 from .grpo_loss import GRPOLoss, attach_config, check, grpo_loss_class, grpo_losses, local_rows
+from .grpo_options import check_trl_options
 from .model_card import ModelCardMixin
 from .optim_args import OptimizerMixin
 from .trl_compat import is_async_callable, trl_loss_types
@@ -71,6 +72,8 @@ class GRPOConfig(HfExtArguments, trl.GRPOConfig):
         super().__post_init__()  # HfExtArguments', then TRL's
         if loss is not None and hasattr(loss.settings, "check"):
             loss.settings.check(self)
+        if loss is not None:
+            check_trl_options(self, loss)
 
     def _check_loss_type(self) -> None:
         """hf_ext's loss types and the installed TRL's pass; where TRL's cannot be read, TRL gets the name, warned."""
@@ -95,6 +98,7 @@ class GRPOConfig(HfExtArguments, trl.GRPOConfig):
 attach_config(GRPOConfig, _loss_type_help)
 
 REWARD_FAULT_BATCH = "reward_fault_batch_process{}.json"  # in output_dir, one per process
+LOSS_STATE = "hf_ext_loss_state.json"  # in each checkpoint, when the loss keeps state
 
 
 def _as_float32(reward) -> float:
@@ -169,6 +173,38 @@ class GRPOTrainer(
             self.grpo_loss = loss_cls(self)
             self._tag_names = [*self._tag_names, loss_cls.name]
 
+    # What the loss keeps across steps travels with the checkpoints.
+
+    def _save_method_state(self, checkpoint: str) -> None:
+        state = self.grpo_loss.state_dict() if self.grpo_loss is not None else {}
+        if state:
+            with open(os.path.join(checkpoint, LOSS_STATE), "w") as handle:
+                json.dump({"loss_type": self.grpo_loss.name, "state": state}, handle, indent=1)
+
+    def _load_method_state(self, checkpoint: str) -> None:
+        """The loss's state from ``checkpoint``; without the file (a checkpoint written before the loss had any
+        state, or by another loss), the loss starts from its own defaults, with a warning when it keeps state."""
+        if self.grpo_loss is None:
+            return
+        path = os.path.join(checkpoint, LOSS_STATE)
+        if not os.path.isfile(path):
+            if type(self.grpo_loss).state_dict is not GRPOLoss.state_dict:
+                warnings.warn(
+                    f"resume_from_checkpoint: {checkpoint} has no {LOSS_STATE}: loss_type={self.grpo_loss.name!r} "
+                    "starts its own state afresh (GTPO measures H_ini again).",
+                    stacklevel=3,
+                )
+            return
+        with open(path) as handle:
+            saved = json.load(handle)
+        if saved.get("loss_type") != self.grpo_loss.name:
+            raise ValueError(
+                f"resume_from_checkpoint: {path} holds the state of loss_type={saved.get('loss_type')!r}, but this "
+                f"run trains loss_type={self.grpo_loss.name!r}: resume with the loss type the checkpoint was saved "
+                "with."
+            )
+        self.grpo_loss.load_state_dict(saved["state"])
+
     # Rewards that would teach nothing are refused, with the batch saved to reproduce them.
 
     def _checked_reward_func(self, func, name: str):
@@ -213,6 +249,8 @@ class GRPOTrainer(
         bad_scores = (~torch.isfinite(rewards[:, models])).nonzero()
         unscored = bool(rewards.isnan().all())
         if not (len(bad_scores) or unscored):
+            if self.grpo_loss is not None:
+                self.grpo_loss.observe_rewards(rewards)
             return rewards
         local = rewards[local_rows(self.accelerator, len(prompts))].T.tolist()  # NaN: None, or a reward model's NaN
         self._save_reward_batch(prompts, completions, dict(zip(self.reward_func_names, local, strict=True)))
@@ -253,4 +291,4 @@ class GRPOTrainer(
     def _compute_loss(self, model, inputs):
         if self.grpo_loss is None:
             return super()._compute_loss(model, inputs)
-        return self.grpo_loss.loss(model, inputs)
+        return self.grpo_loss.finish(self.grpo_loss.loss(model, inputs), "train" if self.model.training else "eval")

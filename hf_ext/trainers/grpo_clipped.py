@@ -8,26 +8,24 @@ GTPO weights each token's). Per micro-batch, as TRL's ``loss_type="grpo"`` does 
 
 with the clipped surrogate of ``hf_ext.losses.surrogate`` (``epsilon``, ``epsilon_high``, ``delta``,
 ``importance_sampling_level``), the top-entropy and off-policy token masks, vLLM's importance-sampling correction,
-the k3 KL to the reference model (``beta``, ``use_bias_correction_kl``), TRL's entropy bonus (static or adaptive)
-and a mixture-of-experts router loss; TRL's metrics (``kl``, ``entropy``, ``clip_ratio/*``) are logged alike.
+the k3 KL to the reference model (``beta``, ``use_bias_correction_kl``); the entropy bonus (static or adaptive,
+over the top-entropy tokens when that mask is on) and a mixture-of-experts router loss are added by
+``GRPOLoss.finish``, as for every loss. TRL's metrics (``kl``, ``entropy``, ``clip_ratio/*``) are logged alike.
 ``tests/trainers/test_grpo_clipped.py`` holds it equal to TRL's own ``_compute_loss`` on the same tensors.
 """
-
-from typing import ClassVar
 
 import torch
 
 from ..losses.surrogate import clipped_surrogate, k3_kl, log_importance_weights, row_mean_aggregate
 from . import trl_compat
 from .grpo_loss import GRPOLoss
+from .grpo_options import OBJECTIVE_OPTIONS
 
 
 class ClippedGRPOLoss(GRPOLoss):
     """Subclasses define ``advantages``; every TRL option of the clipped objective applies as in TRL."""
 
-    # A loss that defines its ratio per token sets "token" (and refuses or announces the option at config time).
-    importance_sampling_level: ClassVar[str | None] = None
-    vllm_importance_sampling_correction: ClassVar[bool] = True
+    supported_options = frozenset(OBJECTIVE_OPTIONS)
 
     def advantages(self, inputs: dict, entropies: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
         """The advantage that multiplies the ratio: (B,) per row or (B, T) per token. ``entropies`` (B, T) are the
@@ -36,17 +34,17 @@ class ClippedGRPOLoss(GRPOLoss):
 
     def loss(self, model, inputs: dict) -> torch.Tensor:
         trainer, args, mode = self.trainer, self.args, self.mode
-        per_token_logps, entropies, aux_loss = trl_compat.policy_forward(trainer, model, inputs)
-        mask = self.loss_mask(inputs)
+        per_token_logps, entropies, mask = self.forward(model, inputs)
         entropy_mask = None
         if trainer.top_entropy_quantile < 1.0:
             entropy_mask = trainer.get_high_entropy_mask(entropies, mask, 1 - trainer.top_entropy_quantile)
+            self.bonus_mask(mask * entropy_mask)
         advantages = self.advantages(inputs, entropies, mask, mode)
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
         old_per_token_logps = inputs.get("old_per_token_logps")
         if old_per_token_logps is None:
             old_per_token_logps = per_token_logps.detach()
-        level = self.importance_sampling_level or args.importance_sampling_level
+        level = args.importance_sampling_level
         per_token_loss, ratio = clipped_surrogate(
             per_token_logps,
             old_per_token_logps,
@@ -67,11 +65,7 @@ class ClippedGRPOLoss(GRPOLoss):
             )
         if entropy_mask is not None:
             per_token_loss = per_token_loss * entropy_mask
-        if (
-            trainer.use_vllm
-            and trainer.vllm_importance_sampling_correction
-            and self.vllm_importance_sampling_correction
-        ):
+        if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
             per_token_loss = per_token_loss * inputs["importance_sampling_ratio"]
         if trainer.beta != 0.0:
             per_token_kl = k3_kl(per_token_logps, inputs["ref_per_token_logps"])
@@ -80,17 +74,7 @@ class ClippedGRPOLoss(GRPOLoss):
                     log_importance_weights(per_token_logps, old_per_token_logps, mask, level)
                 )
             per_token_loss = per_token_loss + trainer.beta * per_token_kl
-        policy_loss = row_mean_aggregate(per_token_loss, mask)
-        loss = policy_loss / self.accumulation(mode)
-        bonus_mask = mask if entropy_mask is None else mask * entropy_mask
-        bonus = trl_compat.entropy_bonus(trainer, entropies, bonus_mask, mode)
-        if bonus is not None:
-            loss = loss - bonus
-            metrics = trl_compat.metrics(trainer, mode)
-            metrics["policy_loss"].append(trainer.accelerator.gather(policy_loss.detach()).nanmean().item())
-        aux = trl_compat.router_aux_term(trainer, aux_loss, mode)
-        if aux is not None:
-            loss = loss + aux
+        loss = row_mean_aggregate(per_token_loss, mask) / self.accumulation(mode)
         self._log_trl_metrics(mode, mask, entropies, advantages, ratio, per_token_kl if trainer.beta != 0.0 else None)
         return loss
 

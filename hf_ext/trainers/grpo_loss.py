@@ -13,7 +13,6 @@ a user's does; the CLI also loads the losses that installed packages declare in 
 import dataclasses
 import math
 import typing
-import warnings
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from types import MappingProxyType
@@ -45,6 +44,11 @@ class GRPOLoss:
     papers: ClassVar[tuple[Paper, ...]] = ()
     settings: ClassVar[type | None] = None  # a dataclass: config fields + ``check(config)``
     metric_prefix: ClassVar[str | None] = None  # logged metrics are "<prefix>/<name>"; default: ``name``
+    # Options of TRL's clipped objective (``grpo_options.OBJECTIVE_OPTIONS``) this loss honours as TRL would; the
+    # others are refused at config time, with ``refused_options[name]`` or ``refusal_reason`` as the reason.
+    supported_options: ClassVar[frozenset[str]] = frozenset()
+    refused_options: ClassVar[dict[str, str]] = {}
+    refusal_reason: ClassVar[str] = "it belongs to TRL's clipped objective, which this loss does not compute."
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -55,9 +59,22 @@ class GRPOLoss:
     def prepare(self, output: dict, mode: str) -> None:
         """Adds per-row tensors to TRL's generation ``output`` (this process's rows) for ``mode`` "train"/"eval"."""
 
+    def observe_rewards(self, rewards: torch.Tensor) -> None:
+        """Sees the rewards of the generation batch being scored, before ``prepare``: (N_all, F) float, every
+        process's completions (process-major) x reward functions, NaN where a function returned None."""
+
     def loss(self, model, inputs: dict) -> torch.Tensor:
         """The 0-d loss of one micro-batch, scaled for gradient accumulation as TRL's losses are."""
         raise NotImplementedError(f"{type(self).__name__} must define loss(model, inputs).")
+
+    def state_dict(self) -> dict:
+        """What this loss keeps across steps (JSON-serialisable), saved with every checkpoint; {} when nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores ``state_dict()``'s output on resume."""
+        if state:
+            raise ValueError(f"loss_type={self.name!r} keeps no state, but the checkpoint holds {sorted(state)}.")
 
     def card_hyperparameters(self) -> dict:
         fields = dataclasses.fields(self.settings) if self.settings is not None else ()
@@ -100,16 +117,51 @@ class GRPOLoss:
         """Appends ``value`` to the metric ``<metric_prefix>/<name>`` that TRL averages and logs."""
         trl_compat.metrics(self.trainer, mode)[f"{self.metric_prefix or self.name}/{name}"].append(value)
 
-    def policy_logps(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(per-token log-probs (B, T), entropies (B, T), loss mask (B, T)) under the current policy; logs the
-        mean entropy as TRL does."""
-        per_token_logps, entropies, _ = trl_compat.policy_forward(self.trainer, model, inputs)
+    def forward(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(per-token log-probs (B, T), entropies (B, T), loss mask (B, T)) of the completions under the current
+        policy, computed as TRL's loss computes them (multimodal inputs included). ``finish`` adds the entropy bonus
+        over ``mask`` (``bonus_mask`` narrows it) and the router loss of this forward."""
+        per_token_logps, entropies, aux_loss = trl_compat.policy_forward(self.trainer, model, inputs)
         mask = self.loss_mask(inputs)
+        self._forward = (entropies, mask, aux_loss)
+        return per_token_logps, entropies, mask
+
+    def policy_logps(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward``, logging the mean entropy of the micro-batch."""
+        per_token_logps, entropies, mask = self.forward(model, inputs)
         entropy = (entropies.detach() * mask).sum() / mask.sum().clamp(min=1)
         trl_compat.metrics(self.trainer, self.mode)["entropy"].append(
             self.trainer.accelerator.gather(entropy).mean().item()
         )
         return per_token_logps, entropies, mask
+
+    def bonus_mask(self, mask: torch.Tensor) -> None:
+        """Restricts the entropy bonus of this micro-batch to ``mask`` (B, T), as TRL's top-entropy mask does."""
+        entropies, _, aux_loss = self._forward
+        self._forward = (entropies, mask, aux_loss)
+
+    def finish(self, loss: torch.Tensor, mode: str) -> torch.Tensor:
+        """``loss`` (what ``loss`` returned) with the terms TRL adds to any policy loss: minus the entropy bonus
+        (``entropy_coef``, static or adaptive) and plus the router auxiliary loss of a mixture-of-experts model,
+        both from this micro-batch's ``forward``."""
+        forward, self._forward = getattr(self, "_forward", None), None
+        if not trl_compat.adds_terms(self.trainer):
+            return loss
+        if forward is None:
+            raise RuntimeError(
+                f"loss_type={self.name!r}: the entropy bonus and the router loss need the micro-batch's forward; "
+                "compute it with GRPOLoss.forward (or policy_logps)."
+            )
+        entropies, mask, aux_loss = forward
+        bonus = trl_compat.entropy_bonus(self.trainer, entropies, mask, mode)
+        if bonus is not None:
+            policy_loss = loss.detach() * self.accumulation(mode)
+            trl_compat.metrics(self.trainer, mode)["policy_loss"].append(
+                self.trainer.accelerator.gather(policy_loss).nanmean().item()
+            )
+            loss = loss - bonus
+        aux = trl_compat.router_aux_term(self.trainer, aux_loss, mode)
+        return loss if aux is None else loss + aux
 
 
 def local_rows(accelerator, num_local: int) -> slice:
@@ -265,22 +317,3 @@ def check_finite(config, name: str, low: float = 0.0, strict: bool = False) -> N
 def check_choice(config, name: str, allowed) -> None:
     value = getattr(config, name)
     check(value in allowed, f"{name}={value!r} is not known; allowed values: {', '.join(allowed)}.")
-
-
-def check_sequence_level_switches(config, reason: str) -> None:
-    """For losses that define their own token weighting (REAL, GTPO): TRL's token masks and KL term are refused;
-    the vLLM importance-sampling correction and a sequence-level ratio are announced as ignored."""
-    check(
-        config.top_entropy_quantile == 1.0 and config.off_policy_mask_threshold is None,
-        f"loss_type={config.loss_type!r}: {reason}; top_entropy_quantile must be 1.0 and off_policy_mask_threshold "
-        "None.",
-    )
-    check(config.beta == 0.0, f"loss_type={config.loss_type!r} has no KL term: beta must be 0.0, got {config.beta}.")
-    if config.use_vllm and config.vllm_importance_sampling_correction:
-        warnings.warn(f"loss_type={config.loss_type!r} ignores the vLLM importance-sampling correction.", stacklevel=4)
-    if config.importance_sampling_level != "token":
-        warnings.warn(
-            f"loss_type={config.loss_type!r} ignores importance_sampling_level={config.importance_sampling_level!r}: "
-            "REAL scores whole sequences already and GTPO clips token ratios.",
-            stacklevel=4,
-        )

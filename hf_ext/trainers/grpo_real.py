@@ -21,12 +21,17 @@ from ..losses.real import (
     REAL_VARIANTS,
     real_bce_loss,
     real_bce_targets,
+    real_binary_labels,
     real_group_metrics,
     real_labels,
     real_onpolicy_coefficients,
     sequence_scores,
 )
-from .grpo_loss import GRPOLoss, check, check_choice, check_finite, check_sequence_level_switches, register_grpo_loss
+from . import trl_compat
+from .grpo_loss import GRPOLoss, check, check_choice, check_finite, register_grpo_loss
+
+
+LABEL_MODES = ("advantage", "binary")
 
 
 @dataclass
@@ -38,6 +43,13 @@ class RealSettings:
     real_sign_tolerance: float = field(
         default=1e-6, metadata={"help": "REAL: rows with |advantage| <= this are unlabelled."}
     )
+    real_label_mode: str = field(
+        default="advantage",
+        metadata={
+            "help": "REAL: 'advantage' (positive / negative by the sign of the advantage; any reward) or 'binary' "
+            "(positive iff the reward is 1, negative iff 0, as the official code; other rewards are refused)."
+        },
+    )
 
     @staticmethod
     def check(config) -> None:
@@ -46,6 +58,12 @@ class RealSettings:
         check_finite(config, "real_sign_tolerance")
         check_finite(config, "real_tau", strict=True)
         check_choice(config, "real_variant", REAL_VARIANTS)
+        check_choice(config, "real_label_mode", LABEL_MODES)
+        check(
+            config.real_label_mode == "advantage" or config.loss_type == "real",
+            "real_label_mode='binary' is for loss_type='real': real_bce's target is being the group's best, by "
+            "definition. Leave real_label_mode='advantage' with real_bce.",
+        )
         generate_every = config.steps_per_generation * config.num_iterations
         check(
             config.loss_type == "real_bce" or config.gradient_accumulation_steps % generate_every == 0,
@@ -55,7 +73,6 @@ class RealSettings:
             f"{config.num_iterations}. Leave steps_per_generation unset and num_iterations=1, or use "
             "loss_type='real_bce', which is exact off-policy.",
         )
-        check_sequence_level_switches(config, "REAL scores whole sequences")
 
 
 class _RewardsAsLabels(GRPOLoss):
@@ -63,6 +80,16 @@ class _RewardsAsLabels(GRPOLoss):
     papers = (papers.REAL,)
     settings = RealSettings
     metric_prefix = "real"
+    refused_options = {
+        "clip range": "REAL clips no ratio: each completion's gradient weight is bounded by 1/real_tau instead.",
+        "two-sided clip": "REAL clips no ratio: each completion's gradient weight is bounded by 1/real_tau instead.",
+        "sequence-level ratio": "REAL scores whole sequences already (the mean log-ratio).",
+        "KL to a reference model": "the paper defines no KL term for its sequence classifier.",
+        "top-entropy token mask": "REAL scores whole sequences; a token mask would change the score, not weight it.",
+        "off-policy sequence mask": "REAL's labels and scores define the update; the paper masks no sequence.",
+        "vLLM importance-sampling correction": "REAL's score is a log-ratio to the old policy; a per-token sampling "
+        "correction is not defined for it.",
+    }
 
     def scores(self, model, inputs: dict) -> torch.Tensor:
         """(B,) sequence scores s_i under the current policy; logs their mean (0 on-policy)."""
@@ -83,12 +110,20 @@ class RewardsAsLabels(_RewardsAsLabels):
     """Equation (8) (or the pairwise ``product`` variant), on-policy, through per-row constants."""
 
     name = "real"
+    rewards: torch.Tensor | None = None  # (N_all,) of the batch being scored, for real_label_mode="binary"
+
+    def observe_rewards(self, rewards: torch.Tensor) -> None:
+        """Keeps each completion's reward (N_all,) as TRL sums it (weighted over reward functions, None as 0)."""
+        self.rewards = (rewards * trl_compat.reward_weights(self.trainer).to(rewards)).nansum(1)
 
     def prepare(self, output: dict, mode: str) -> None:
         """Adds ``real_coef`` (B,): dL/ds at s = 0 of each local row, from the whole gathered groups."""
         advantages, token_counts, local = self.labels_of_groups(output)
         num_generations, tau = self.group_size(mode), self.args.real_tau
-        positive, negative = real_labels(advantages, token_counts, self.args.real_sign_tolerance)
+        if self.args.real_label_mode == "binary":
+            positive, negative = real_binary_labels(self.rewards.to(advantages), token_counts)
+        else:
+            positive, negative = real_labels(advantages, token_counts, self.args.real_sign_tolerance)
         coef = real_onpolicy_coefficients(positive, negative, num_generations, tau, self.args.real_variant)
         output["real_coef"] = coef[local].float()
         zero_scores = torch.zeros_like(advantages)

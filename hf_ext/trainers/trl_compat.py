@@ -15,7 +15,7 @@ TRL's GRPO trainer offers no extension point for a policy loss: ``loss_type`` is
   function) and ``trl.trainer.utils.nanmin`` / ``nanmax`` (its clip-ratio metrics).
 - ``GRPOTrainer._calculate_rewards`` (overridden, to refuse rewards that would teach nothing): it returns the
   rewards of all processes' completions (process-major) x reward functions, NaN where a function returned None;
-  ``reward_funcs`` / ``reward_func_names``, which hf_ext wraps after ``__init__``.
+  ``reward_funcs`` / ``reward_func_names``, which hf_ext wraps after ``__init__``, and ``reward_weights``.
 - The trainer state the clipped objective reads: ``beta``, ``epsilon_low`` / ``epsilon_high``,
   ``top_entropy_quantile``, ``off_policy_mask_threshold``, ``use_vllm``, ``vllm_importance_sampling_correction``,
   ``num_generations`` / ``num_generations_eval``, and the public ``get_high_entropy_mask`` / ``get_off_policy_mask``.
@@ -39,6 +39,7 @@ from trl.trainer.utils import nanmax, nanmin
 
 __all__ = [
     "GENERATION_KEYS",
+    "adds_terms",
     "GRPOScriptArguments",
     "MODEL_INPUT_KEYS",
     "entropy_bonus",
@@ -47,6 +48,7 @@ __all__ = [
     "nanmax",
     "nanmin",
     "policy_forward",
+    "reward_weights",
     "router_aux_term",
     "trl_loss_types",
 ]
@@ -114,6 +116,12 @@ def _is_string(node: ast.AST) -> bool:
     return isinstance(node, ast.Constant) and isinstance(node.value, str)
 
 
+def reward_weights(trainer) -> torch.Tensor:
+    """(F,) float32: the weight of each reward function in the reward TRL sums (``reward_weights``, ones by
+    default)."""
+    return trainer.reward_weights
+
+
 def metrics(trainer, mode: str) -> dict[str, list]:
     """TRL's per-mode metric lists (name -> values since the last log), which it averages and logs."""
     return trainer._metrics[mode]
@@ -132,6 +140,11 @@ def policy_forward(trainer, model, inputs: dict) -> tuple[torch.Tensor, torch.Te
         compute_aux_loss=trainer.aux_loss_enabled,
         **{key: inputs.get(key) for key in MODEL_INPUT_KEYS},
     )
+
+
+def adds_terms(trainer) -> bool:
+    """Whether TRL adds an entropy bonus or a router auxiliary loss to the policy loss of this run."""
+    return bool(trainer._entropy_bonus_enabled or trainer.aux_loss_enabled)
 
 
 def entropy_bonus(trainer, entropies: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor | None:

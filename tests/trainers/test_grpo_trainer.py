@@ -68,11 +68,6 @@ def test_bad_method_arguments_fail_at_config_time(tmp_path, case):
         tiny_config(tmp_path, **overrides)
 
 
-def test_ignored_importance_sampling_level_is_announced(tmp_path):
-    with pytest.warns(UserWarning, match="ignores importance_sampling_level='sequence'"):
-        tiny_config(tmp_path, loss_type="gtpo", importance_sampling_level="sequence")
-
-
 def test_real_bce_accepts_off_policy_steps(tmp_path):
     assert tiny_config(tmp_path, loss_type="real_bce", num_iterations=2).num_iterations == 2
 
