@@ -97,6 +97,49 @@ class GRPOConfig(HfExtArguments, trl.GRPOConfig):
 
 attach_config(GRPOConfig, _loss_type_help)
 
+GROUP_SIZE_KEY = "hf_ext_group_size"  # marks a generation batch folded by groups
+
+
+def fold_groups(output: dict, group_size: int) -> dict:
+    """TRL's generation ``output`` with every per-row value grouped: a tensor (B, ...) becomes (B / G, G, ...), a
+    list of B items a list of B / G tuples; 0-d tensors and None stay. TRL's shuffle and split of the generation
+    batch then move whole groups; ``unfold_groups`` undoes it for the loss."""
+    num_rows = len(output["completion_ids"])
+    if num_rows % group_size:
+        raise ValueError(f"a generation batch of {num_rows} rows does not hold whole groups of {group_size}.")
+    folded = {}
+    for key, value in output.items():
+        if value is None or (isinstance(value, torch.Tensor) and value.ndim == 0):
+            folded[key] = value
+        elif len(value) != num_rows:
+            raise ValueError(
+                f"the generation batch's {key!r} has {len(value)} rows for {num_rows} completions: it cannot be "
+                "grouped. Whole-group losses (loss_type='real' off-policy) take inputs with one row per completion; "
+                "train on-policy with such inputs (steps_per_generation unset, num_iterations=1)."
+            )
+        elif isinstance(value, torch.Tensor):
+            folded[key] = value.reshape(num_rows // group_size, group_size, *value.shape[1:])
+        else:
+            folded[key] = [tuple(value[i : i + group_size]) for i in range(0, num_rows, group_size)]
+    folded[GROUP_SIZE_KEY] = torch.tensor(group_size)  # last: TRL sizes the batch by its first value
+    return folded
+
+
+def unfold_groups(inputs: dict) -> dict:
+    """The inverse of ``fold_groups`` for one micro-batch: rows of a group consecutive, groups in shuffled order."""
+    unfolded = {}
+    for key, value in inputs.items():
+        if key == GROUP_SIZE_KEY:
+            continue
+        if value is None or (isinstance(value, torch.Tensor) and value.ndim == 0):
+            unfolded[key] = value
+        elif isinstance(value, torch.Tensor):
+            unfolded[key] = value.reshape(-1, *value.shape[2:])
+        else:
+            unfolded[key] = [item for group in value for item in group]
+    return unfolded
+
+
 REWARD_FAULT_BATCH = "reward_fault_batch_process{}.json"  # in output_dir, one per process
 LOSS_STATE = "hf_ext_loss_state.json"  # in each checkpoint, when the loss keeps state
 
@@ -285,10 +328,15 @@ class GRPOTrainer(
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         if self.grpo_loss is not None:
-            self.grpo_loss.prepare(output, "train" if self.model.training else "eval")
+            mode = "train" if self.model.training else "eval"
+            self.grpo_loss.prepare(output, mode)
+            if mode == "train" and self.grpo_loss.whole_groups():
+                output = fold_groups(output, self.num_generations)  # TRL's shuffle and split then move groups
         return output
 
     def _compute_loss(self, model, inputs):
         if self.grpo_loss is None:
             return super()._compute_loss(model, inputs)
+        if GROUP_SIZE_KEY in inputs:
+            inputs = unfold_groups(inputs)
         return self.grpo_loss.finish(self.grpo_loss.loss(model, inputs), "train" if self.model.training else "eval")

@@ -59,6 +59,12 @@ class GRPOLoss:
     def prepare(self, output: dict, mode: str) -> None:
         """Adds per-row tensors to TRL's generation ``output`` (this process's rows) for ``mode`` "train"/"eval"."""
 
+    def whole_groups(self) -> bool:
+        """Whether each training micro-batch must hold whole groups (rows of a group consecutive, on one process):
+        the trainer then shuffles and splits the generation batch by groups. Needs ``per_device_train_batch_size``
+        to be a multiple of ``num_generations`` (the loss's ``check`` says so)."""
+        return False
+
     def observe_rewards(self, rewards: torch.Tensor) -> None:
         """Sees the rewards of the generation batch being scored, before ``prepare``: (N_all, F) float, every
         process's completions (process-major) x reward functions, NaN where a function returned None."""

@@ -1,12 +1,17 @@
 """REAL (Rewards as Labels, arXiv 2602.05630) as GRPO losses; math in ``hf_ext.losses.real``.
 
 ``loss_type="real"`` couples the rows of a group through a log-sum-exp, while TRL scatters a group's rows over
-micro-batches and processes. It is made exact on-policy (``gradient_accumulation_steps`` a multiple of
-``steps_per_generation * num_iterations``, TRL's default): the weights never change between generation and use, so
-every score is s = 0 when the loss is taken and dL/ds_k is a constant known at generation time. Each row carries
-that constant (``real_coef``, from autograd of the group loss at s = 0 over the gathered batch), and the loss is
-the separable surrogate ``sum(real_coef * s) / groups``, whose gradient is exactly REAL's for any row layout.
-Off-policy configurations are refused at config time.
+micro-batches and processes. Two exact paths:
+
+- On-policy (``gradient_accumulation_steps`` a multiple of ``steps_per_generation * num_iterations``, TRL's
+  default): the weights never change between generation and use, so every score is s = 0 when the loss is taken
+  and dL/ds_k is a constant known at generation time. Each row carries that constant (``real_coef``, from autograd
+  of the group loss at s = 0 over the gathered batch), and the loss is the separable surrogate
+  ``sum(real_coef * s) / groups``, whose gradient is exactly REAL's for any row layout.
+- Off-policy (the paper's recipe: several optimizer steps per generation batch, or ``num_iterations > 1``): the
+  trainer shuffles and splits each process's generation batch by whole groups (``GRPOLoss.whole_groups``), so each
+  micro-batch holds whole groups and the group loss is taken at the current scores s != 0, its mean over the
+  micro-batch's groups divided by the accumulation steps: every optimizer step is the mean over its groups.
 
 ``loss_type="real_bce"`` classifies each row alone, so it is separable and exact on- and off-policy: the summed
 BCE of the micro-batch is divided by the global number of valid rows (as TRL's ``dapo`` divides by tokens).
@@ -64,15 +69,22 @@ class RealSettings:
             "real_label_mode='binary' is for loss_type='real': real_bce's target is being the group's best, by "
             "definition. Leave real_label_mode='advantage' with real_bce.",
         )
-        generate_every = config.steps_per_generation * config.num_iterations
         check(
-            config.loss_type == "real_bce" or config.gradient_accumulation_steps % generate_every == 0,
-            "loss_type='real' is exact only on-policy (a group's rows meet in one log-sum-exp, but TRL spreads "
-            "them over micro-batches): gradient_accumulation_steps must be a multiple of steps_per_generation * "
-            f"num_iterations, got {config.gradient_accumulation_steps} and {config.steps_per_generation} * "
-            f"{config.num_iterations}. Leave steps_per_generation unset and num_iterations=1, or use "
-            "loss_type='real_bce', which is exact off-policy.",
+            config.loss_type == "real_bce"
+            or on_policy(config)
+            or config.per_device_train_batch_size % config.num_generations == 0,
+            "loss_type='real' off-policy (steps_per_generation * num_iterations = "
+            f"{config.steps_per_generation} * {config.num_iterations} > gradient_accumulation_steps "
+            f"{config.gradient_accumulation_steps}) evaluates each group's log-sum-exp in one micro-batch, so "
+            "per_device_train_batch_size must be a multiple of num_generations, got "
+            f"{config.per_device_train_batch_size} and {config.num_generations}. Choose per_device_train_batch_size = "
+            "k * num_generations, or train on-policy (steps_per_generation unset, num_iterations=1).",
         )
+
+
+def on_policy(config) -> bool:
+    """Whether the weights stay those of generation for every micro-batch of a generation batch (TRL's default)."""
+    return config.gradient_accumulation_steps % (config.steps_per_generation * config.num_iterations) == 0
 
 
 class _RewardsAsLabels(GRPOLoss):
@@ -107,7 +119,9 @@ class _RewardsAsLabels(GRPOLoss):
 
 @register_grpo_loss
 class RewardsAsLabels(_RewardsAsLabels):
-    """Equation (8) (or the pairwise ``product`` variant), on-policy, through per-row constants."""
+    """Equation (8) (or the pairwise ``product`` variant). On-policy through per-row constants (any row layout);
+    off-policy on whole groups: the trainer keeps each group's rows together in one micro-batch on one process
+    (``whole_groups``), and the group loss is evaluated at the current scores."""
 
     name = "real"
     rewards: torch.Tensor | None = None  # (N_all,) of the batch being scored, for real_label_mode="binary"
@@ -124,17 +138,27 @@ class RewardsAsLabels(_RewardsAsLabels):
             positive, negative = real_binary_labels(self.rewards.to(advantages), token_counts)
         else:
             positive, negative = real_labels(advantages, token_counts, self.args.real_sign_tolerance)
-        coef = real_onpolicy_coefficients(positive, negative, num_generations, tau, self.args.real_variant)
-        output["real_coef"] = coef[local].float()
+        if mode == "train" and self.whole_groups():
+            output["real_positive"], output["real_negative"] = positive[local], negative[local]
+        else:
+            coef = real_onpolicy_coefficients(positive, negative, num_generations, tau, self.args.real_variant)
+            output["real_coef"] = coef[local].float()
         zero_scores = torch.zeros_like(advantages)
         metrics = real_group_metrics(zero_scores, positive, negative, num_generations)
         self.log(mode, "valid_group_frac", metrics["valid_group_frac"])
         group_loss = REAL_VARIANTS[self.args.real_variant]
         self.log(mode, "loss_at_generation", group_loss(zero_scores, positive, negative, num_generations, tau).item())
 
+    def whole_groups(self) -> bool:
+        return not on_policy(self.args)
+
     def loss(self, model, inputs: dict) -> torch.Tensor:
         scores = self.scores(model, inputs)
         mode = self.mode
+        if "real_positive" in inputs:  # whole groups, rows of a group consecutive: the group loss itself
+            group_loss = REAL_VARIANTS[self.args.real_variant]
+            positive, negative, tau = inputs["real_positive"], inputs["real_negative"], self.args.real_tau
+            return group_loss(scores, positive, negative, self.group_size(mode), tau) / self.accumulation(mode)
         num_groups = scores.numel() / self.group_size(mode)
         return (inputs["real_coef"] * scores).sum() / num_groups / self.accumulation(mode)
 

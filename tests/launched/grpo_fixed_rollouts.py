@@ -36,8 +36,9 @@ def fixed_rollout(prompts: list[str], trainer) -> dict:
     return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
 
 
-def train(loss_type: str, per_device_batch: int, grad_accum: int, output_dir: str, max_steps: int = 2):
-    """Returns (result, trainer); the caller keeps the trainer alive (see the note at the end of this file)."""
+def train(loss_type: str, per_device_batch: int, grad_accum: int, output_dir: str, max_steps: int = 2, **overrides):
+    """Returns (result, trainer); the caller keeps the trainer alive (see the note at the end of this file).
+    ``overrides``: further GRPOConfig fields (e.g. num_iterations)."""
     args = GRPOConfig(
         output_dir=output_dir,
         loss_type=loss_type,
@@ -57,6 +58,7 @@ def train(loss_type: str, per_device_batch: int, grad_accum: int, output_dir: st
         gradient_checkpointing=False,
         save_strategy="no",
         report_to="none",
+        **overrides,
     )
     trainer = GRPOTrainer(
         model=str(materialize_model()),
@@ -75,7 +77,14 @@ if __name__ == "__main__":
     parser.add_argument("--loss_type", default="ba")
     parser.add_argument("--per_device_batch", type=int, required=True)
     parser.add_argument("--grad_accum", type=int, default=1)
+    parser.add_argument("--num_iterations", type=int, default=1)
     parser.add_argument("--out", required=True)
     cli = parser.parse_args()
-    result, trainer = train(cli.loss_type, cli.per_device_batch, cli.grad_accum, output_dir=cli.out + ".run")
+    result, trainer = train(
+        cli.loss_type,
+        cli.per_device_batch,
+        cli.grad_accum,
+        output_dir=cli.out + ".run",
+        num_iterations=cli.num_iterations,
+    )
     save_and_exit(result, cli.out)

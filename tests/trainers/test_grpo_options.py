@@ -130,6 +130,10 @@ def test_options_applied_before_the_loss_are_not_read_by_trl_s_loss():
                 assert field not in loss_source and field in generation_source + init_source, (
                     f"trl.GRPOTrainer._compute_loss now reads {field}"
                 )
+    assert "liger" not in inspect.getsource(trl.GRPOTrainer.compute_loss).lower(), (
+        "trl.GRPOTrainer.compute_loss now has a Liger path that bypasses _compute_loss"
+    )
+    for option in TRL_OPTIONS:
         if option.name in ("fp32 LM head", "Liger layer kernels"):
             assert option.fields[0] not in loss_source and option.fields[0] in init_source, (
                 f"trl.GRPOTrainer._compute_loss now reads {option.fields[0]}"

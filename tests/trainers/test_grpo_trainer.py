@@ -49,7 +49,10 @@ def test_ba_sign_tolerance_must_be_non_negative(tmp_path):
 BAD_CONFIGS = {
     "real_tau_zero": (dict(loss_type="real", real_tau=0.0), "real_tau must be a finite number > 0, got 0.0"),
     "real_unknown_variant": (dict(loss_type="real", real_variant="pairs"), "real_variant='pairs' is not known"),
-    "real_off_policy": (dict(loss_type="real", num_iterations=2), "loss_type='real' is exact only on-policy"),
+    "real_off_policy_split_groups": (
+        dict(loss_type="real", num_iterations=2, per_device_train_batch_size=4, gradient_accumulation_steps=3),
+        "per_device_train_batch_size must be a multiple of num_generations, got 4 and 3",
+    ),
     "real_entropy_mask": (dict(loss_type="real_bce", top_entropy_quantile=0.2), "top_entropy_quantile must be 1.0"),
     "real_one_generation": (dict(loss_type="real", num_generations=1), "num_generations must be >= 2, got 1"),
     "gtpo_beta": (dict(loss_type="gtpo", beta=0.04), "beta must be 0.0, got 0.04"),
