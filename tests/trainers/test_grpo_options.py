@@ -235,3 +235,25 @@ def test_router_auxiliary_loss_is_added_as_trl_adds_it(tiny_moe, tmp_path, loss_
     assert aux.item() > 0
     assert difference.item() == pytest.approx(coef * aux.item() / 2, rel=1e-4)
     assert with_aux._metrics["train"]["aux_loss"][-1] == pytest.approx(aux.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", LOSSES)
+def test_multimodal_inputs_reach_the_forward_of_every_loss(tmp_path, loss_type):
+    """Each model input TRL's loss forwards (pixel values, image grids, ...) reaches the policy forward as TRL
+    passes it, whatever the loss type."""
+    from hf_ext.trainers.trl_compat import MODEL_INPUT_KEYS
+
+    trainer = trainer_for(tmp_path, loss_type)
+    batch = crafted_batch()
+    sentinels = {key: torch.full((6, 1), float(i)) for i, key in enumerate(MODEL_INPUT_KEYS)}
+    seen = {}
+    generator = torch.Generator().manual_seed(4)
+    logps = (-1.0 - torch.rand(batch["completion_ids"].shape, generator=generator)).requires_grad_()
+
+    def forward(model, input_ids, attention_mask, logits_to_keep, **kwargs):
+        seen.update(kwargs)
+        return logps, torch.rand(logps.shape, generator=generator), None
+
+    trainer._get_per_token_logps_and_entropies = forward
+    loss_of(trainer, {**batch, **sentinels})
+    assert all(seen[key] is sentinels[key] for key in MODEL_INPUT_KEYS), sorted(set(MODEL_INPUT_KEYS) - set(seen))
