@@ -328,7 +328,7 @@ class GRPOTrainer(
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         if self.grpo_loss is not None:
-            mode = "train" if self.model.training else "eval"
+            mode = self.grpo_loss.mode
             self.grpo_loss.prepare(output, mode)
             if mode == "train" and self.grpo_loss.whole_groups():
                 output = fold_groups(output, self.num_generations)  # TRL's shuffle and split then move groups
@@ -339,4 +339,4 @@ class GRPOTrainer(
             return super()._compute_loss(model, inputs)
         if GROUP_SIZE_KEY in inputs:
             inputs = unfold_groups(inputs)
-        return self.grpo_loss.finish(self.grpo_loss.loss(model, inputs), "train" if self.model.training else "eval")
+        return self.grpo_loss.finish(self.grpo_loss.loss(model, inputs), self.grpo_loss.mode)
