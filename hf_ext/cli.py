@@ -66,7 +66,7 @@ def accelerate_launch_args(launch_args: list[str], training_args, model_args) ->
     (accelerate's multi-GPU launcher, which two CPU ranks need, does not forward it)."""
     import yaml
 
-    from hf_ext.scripts.accelerate_compat import export_use_cpu, file_distribution
+    from hf_ext.scripts.accelerate_compat import export_use_cpu, file_deepspeed_config
     from hf_ext.scripts.common import check_composition
 
     if "--accelerate_config" in launch_args:
@@ -79,8 +79,7 @@ def accelerate_launch_args(launch_args: list[str], training_args, model_args) ->
     if "--config_file" in launch_args:
         with open(launch_args[launch_args.index("--config_file") + 1]) as handle:
             config = yaml.safe_load(handle) or {}
-    fsdp_version, deepspeed_config_file = file_distribution(config)
-    check_composition(training_args, model_args, deepspeed_config_file, fsdp_version)
+    check_composition(training_args, model_args, file_deepspeed_config(config))
     if config.get("use_cpu"):
         export_use_cpu()
     return launch_args

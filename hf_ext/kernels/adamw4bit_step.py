@@ -77,6 +77,7 @@ def adamw4bit_step(
     scalars: StepScalars,
     block_size: int,
     v_rank1: bool,
+    reduce_stats=None,
 ) -> None:
     """One AdamW step of one parameter with 4-bit m and v (module docstring; arXiv 2309.01507), all in place.
 
@@ -91,15 +92,18 @@ def adamw4bit_step(
         scalars: the step's hyper-parameters (``StepScalars.from_group``).
         block_size: elements per quantisation block, a power of two >= 2.
         v_rank1: True for rank-1 v scales, False for block-wise.
+        reduce_stats: optional callable given the new rank-1 statistics before any v code is chosen, which may
+            change them in place (``quant4.quantize_rank1``'s ``reduce``: a sharded parameter's maxima across ranks).
 
     Returns:
         None. Runs the Triton kernel where ``hf_ext.kernels.dispatch.use_triton`` allows it (contiguous ``param``,
         rank-1 v of at most two non-singleton dimensions), the torch twin otherwise.
     """
     if use_triton(param, "adamw4bit_step") and param.is_contiguous() and (not v_rank1 or len(v_scales) == 2):
-        adamw4bit_step_triton(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1)
+        step = adamw4bit_step_triton
     else:
-        adamw4bit_step_torch(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1)
+        step = adamw4bit_step_torch
+    step(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1, reduce_stats)
 
 
 def next_m(m: torch.Tensor, grad: torch.Tensor, s: StepScalars) -> torch.Tensor:
@@ -188,7 +192,9 @@ def rank1_next_statistics(grad, v_codes, v_scales: list[torch.Tensor], scalars: 
     return quant4.rank1_statistics(next_v(old, grad.float().reshape(shape), scalars))
 
 
-def adamw4bit_step_torch(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1) -> None:
+def adamw4bit_step_torch(
+    param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1, reduce_stats=None
+) -> None:
     """Pure-torch twin of the kernel, same arguments and in-place results as ``adamw4bit_step``."""
     numel, lin = param.numel(), quant4.linear_map(param.device)
     g = grad.float().flatten()
@@ -196,7 +202,7 @@ def adamw4bit_step_torch(param, grad, m_codes, m_absmax, v_codes, v_scales, scal
     if v_rank1:
         shape = tuple(stat.numel() for stat in v_scales)
         v = next_v(quant4.dequantize_rank1(v_codes, v_scales, lin, (numel,)), g, scalars)
-        codes, new_scales = quant4.quantize_rank1(v.view(shape), lin)
+        codes, new_scales = quant4.quantize_rank1(v, lin, reduce_stats, shape)
     else:
         v = next_v(quant4.dequantize_blockwise(v_codes, v_scales[0], lin, (numel,), block_size), g, scalars)
         codes, absmax = quant4.quantize_blockwise(v, lin, block_size)
@@ -207,7 +213,9 @@ def adamw4bit_step_torch(param, grad, m_codes, m_absmax, v_codes, v_scales, scal
         scale.copy_(new)
 
 
-def adamw4bit_step_triton(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1) -> None:
+def adamw4bit_step_triton(
+    param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1, reduce_stats=None
+) -> None:
     """Launch the fused kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); same contract as the twin."""
     if triton is None:
         raise RuntimeError("adamw4bit_step_triton needs triton; install it or set HF_EXT_DISABLE_TRITON=1.")
@@ -222,6 +230,8 @@ def adamw4bit_step_triton(param, grad, m_codes, m_absmax, v_codes, v_scales, sca
     if v_rank1:
         old_row, old_col = v_scales
         new_row, new_col = rank1_next_statistics(grad, v_codes, v_scales, scalars)
+        if reduce_stats is not None:
+            reduce_stats([new_row, new_col])
         n_cols = old_col.numel()
     else:
         old_row = old_col = new_row = new_col = v_scales[0]  # unused placeholders

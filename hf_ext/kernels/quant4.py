@@ -265,19 +265,27 @@ def rank1_scale(stats: list[torch.Tensor]) -> torch.Tensor:
     return scale
 
 
-def quantize_rank1(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def quantize_rank1(
+    x: torch.Tensor, codebook: torch.Tensor, reduce=None, shape: tuple[int, ...] | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Rank-1 quantisation: ``q = nearest_code(x / min_k r_k[i_k])`` on ``x`` reshaped to its squeezed shape.
 
     Args:
         x: any shape and float dtype, N elements (upcast to fp32).
         codebook: fp32 (16,), sorted ascending, on the device of ``x``.
+        reduce: optional callable given the statistics list before any code is chosen, which may change them in
+            place (a sharded optimizer takes each statistic's maximum across the ranks holding other slices of x).
+        shape: the shape whose per-dimension maxima are the statistics, N elements; default
+            ``squeezed_shape(x.shape)`` (a shard of rows passes its own, which may have a single row).
 
     Returns:
         (packed, stats): uint8 (ceil(N / 2),) codes in row-major order and the fp32 ``rank1_statistics`` of ``x``
-        reshaped to ``squeezed_shape(x.shape)`` (one vector per non-singleton dimension).
+        reshaped to ``shape`` (one vector per dimension), after ``reduce``.
     """
-    x = x.float().reshape(squeezed_shape(x.shape))
+    x = x.float().reshape(squeezed_shape(x.shape) if shape is None else shape)
     stats = rank1_statistics(x)
+    if reduce is not None:
+        reduce(stats)
     codes = nearest_code(x / safe_scale(rank1_scale(stats)), codebook)
     return pack_4bit(codes), stats
 

@@ -13,8 +13,18 @@ State of a tensor with more than ``min_quantized_numel`` elements: m as 4-bit co
 128, signed dynamic-exponent map); v as 4-bit codes of the linear map (i+1)/16 (no zero) with rank-1 scales min(row
 absmax, column absmax) (n-d: min over per-dimension absmax, after dropping singleton dimensions). When fewer than
 two non-singleton dimensions remain, v uses block-wise scales; this is also the path of the flat 1-D shards that
-FSDP1 and DeepSpeed ZeRO hand to the optimizer. DTensor parameters (FSDP2) are refused with an error. Smaller
-tensors keep fp32 m and v. ``AdamW4bitFactor`` replaces v of every tensor with ndim >= 2 by fp32 Adafactor
+FSDP1 and DeepSpeed ZeRO hand to the optimizer. Smaller tensors keep fp32 m and v. Codes and block scales of a
+tensor whose rows (dim-0 slices) are whole blocks are stored row by row, (n0, ...), the same bytes as the flat
+layout, so that they shard with the rows.
+
+DTensor parameters (FSDP2's ``fully_shard``: rows split across ranks, ``hf_ext.optim.sharded``) keep DTensor
+states: the entries indexed by rows (``row_keys``) are sharded like the parameter, the rest replicated. Layouts are
+chosen on the logical tensor, so they do not depend on the mesh. Statistics over rows are those of the whole
+tensor: the rank-1 scales of dimensions other than dim 0 are MAX-reduced across the shard group before any v code
+is chosen, and the factored means over rows are SUM-reduced; everything else is local. A quantized tensor whose
+rows are not whole blocks (large 1-D tensors, odd row sizes) keeps its whole state on every rank and steps the
+gathered parameter (warned once). 2 ranks compute what 1 process computes from the same gradients, except for
+the order of the factored sums. ``AdamW4bitFactor`` replaces v of every tensor with ndim >= 2 by fp32 Adafactor
 statistics (no eps added to g^2; a zero mean(R) divides as 1):
 
     R <- beta2 R + (1 - beta2) mean_last(g^2),   C <- beta2 C + (1 - beta2) mean_{-2}(g^2),
@@ -34,16 +44,17 @@ optimizers, layouts other than the one the saved settings give the parameter, an
 """
 
 import math
+import warnings
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from hf_ext.kernels import adamw4bit_step as fused
 from hf_ext.kernels import quant4
+from hf_ext.optim import sharded
 
 
-Q4_FORMAT = 1  # version of the state-dict layout below (lpmm tie-breaking and nibble order)
+Q4_FORMAT = 2  # version of the state-dict layout below (lpmm tie-breaking and nibble order; 2: row-wise codes)
 NONFINITE_POLICIES = ("raise", "skip")
 M_LAYOUTS = ("fp32", "q4")
 V_LAYOUTS = ("fp32", "block", "rank1", "factored")
@@ -64,10 +75,13 @@ def state_spec(param: torch.Tensor, m_layout: str, v_layout: str, block_size: in
         (ceil(N / 2),) and ``exp_avg_absmax`` fp32 (ceil(N / block_size),); v as ``exp_avg_sq`` fp32 (param
         shape), block-wise codes and ``exp_avg_sq_absmax``, rank-1 codes and ``exp_avg_sq_stat{k}`` fp32 (n_k,)
         per dimension of the squeezed shape, or factored ``exp_avg_sq_row`` fp32 shape[:-1] and
-        ``exp_avg_sq_col`` fp32 shape[:-2] + shape[-1:].
+        ``exp_avg_sq_col`` fp32 shape[:-2] + shape[-1:]. Where ``whole_block_rows`` holds, codes are (n0, N / (2
+        n0)) and block scales (n0, N / (block_size n0)): the flat arrays, row by row.
     """
     numel, shape = param.numel(), tuple(param.shape)
     packed, blocks = (math.ceil(numel / 2),), (quant4.num_blocks(numel, block_size),)
+    if whole_block_rows(shape, block_size):
+        packed, blocks = (shape[0], numel // shape[0] // 2), (shape[0], numel // shape[0] // block_size)
     spec = {"step": (torch.float32, ())}
     if m_layout == "fp32":
         spec["exp_avg"] = (torch.float32, shape)
@@ -85,6 +99,40 @@ def state_spec(param: torch.Tensor, m_layout: str, v_layout: str, block_size: in
         spec["exp_avg_sq_row"] = (torch.float32, shape[:-1])
         spec["exp_avg_sq_col"] = (torch.float32, shape[:-2] + shape[-1:])
     return spec
+
+
+def whole_block_rows(shape: tuple[int, ...], block_size: int) -> bool:
+    """Whether every dim-0 slice of a tensor of ``shape`` is a whole number of quantisation blocks (ndim >= 2):
+    then its codes and block scales split at row boundaries."""
+    return len(shape) >= 2 and shape[0] > 0 and (math.prod(shape) // shape[0]) % block_size == 0
+
+
+def row_keys(shape: tuple[int, ...], spec: dict[str, tuple]) -> set[str]:
+    """The state entries whose dim 0 indexes the parameter's rows, which shard with them under FSDP2.
+
+    Args:
+        shape: the parameter's (logical) shape; spec: its ``state_spec``.
+
+    Returns:
+        fp32 moments, row-wise codes and block scales, the factored row statistic (and the column one for ndim >=
+        3) and the rank-1 statistic of dim 0 when dim 0 is not a singleton; never ``step``.
+    """
+    keys = {"exp_avg", "exp_avg_sq", "exp_avg_sq_row"} & spec.keys()
+    keys |= {
+        k
+        for k in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+        if len(spec.get(k, ((), ()))[1]) == 2
+    }
+    if "exp_avg_sq_stat0" in spec and shape[0] != 1:
+        keys.add("exp_avg_sq_stat0")
+    if "exp_avg_sq_col" in spec and len(shape) >= 3:
+        keys.add("exp_avg_sq_col")
+    return keys
+
+
+def shards_state(shape: tuple[int, ...], m_layout: str, block_size: int) -> bool:
+    """Whether a DTensor parameter's state can be sharded with its rows: fp32 m, or codes that split at rows."""
+    return m_layout == "fp32" or whole_block_rows(shape, block_size)
 
 
 def state_layout(state: dict) -> tuple[str, str] | None:
@@ -142,9 +190,10 @@ def state_nbytes(optimizer: Optimizer) -> int:
 
 
 def _tensor_nbytes(tensor: torch.Tensor) -> int:
-    inner = tensor.__tensor_flatten__()[0] if hasattr(type(tensor), "__tensor_flatten__") else []
+    names = tensor.__tensor_flatten__()[0] if hasattr(type(tensor), "__tensor_flatten__") else []
+    inner = [getattr(tensor, name) for name in names if torch.is_tensor(getattr(tensor, name))]
     if inner:
-        return sum(_tensor_nbytes(getattr(tensor, name)) for name in inner)
+        return sum(_tensor_nbytes(t) for t in inner)
     return tensor.numel() * tensor.element_size()
 
 
@@ -188,18 +237,18 @@ def state_value_problem(state: dict, param: torch.Tensor, m_layout: str, v_layou
             first = (value < 0).flatten().nonzero()[0].item()
             return key, f"holds a negative value (flat index {first}: {value.flatten()[first].item()})"
     if m_layout == "q4":
-        codes, scales = state["exp_avg_codes"], state["exp_avg_absmax"]
+        codes, scales = state["exp_avg_codes"].reshape(-1), state["exp_avg_absmax"].reshape(-1)
         problem = _blockwise_codes_problem(codes, scales, numel, block_size, quant4.DE_ZERO_CODE, (0, 15))
         if problem:
             return "exp_avg_codes", problem
     if v_layout == "block":
-        codes, scales = state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"]
+        codes, scales = state["exp_avg_sq_codes"].reshape(-1), state["exp_avg_sq_absmax"].reshape(-1)
         problem = _blockwise_codes_problem(codes, scales, numel, block_size, quant4.LINEAR_ZERO_CODE, (15,))
         if problem:
             return "exp_avg_sq_codes", problem
     if v_layout == "rank1":
         stats = [state[f"exp_avg_sq_stat{k}"] for k in range(len(quant4.squeezed_shape(param.shape)))]
-        return _rank1_codes_problem(state["exp_avg_sq_codes"], stats, numel)
+        return _rank1_codes_problem(state["exp_avg_sq_codes"].reshape(-1), stats, numel)
     return None
 
 
@@ -356,7 +405,7 @@ class AdamW4bit(Optimizer):
 
         Raises:
             ValueError: a gradient holds NaN or Inf under ``nonfinite_grads="raise"`` (nothing is updated).
-            RuntimeError: a sparse gradient. TypeError: a DTensor parameter.
+            RuntimeError: a sparse gradient. TypeError: a DTensor parameter that is not sharded along dim 0 only.
         """
         loss = None
         if closure is not None:
@@ -378,17 +427,12 @@ class AdamW4bit(Optimizer):
         return loss
 
     def _finite_grads(self, params: list[torch.Tensor]) -> list[bool]:
-        """One device sync for all gradients (per device)."""
+        """One device sync for all gradients (per device); DTensor flags agreed across their shard group."""
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
-            if isinstance(p, DTensor):
-                raise TypeError(
-                    f"{type(self).__name__} does not support DTensor parameters (FSDP2 / fully_shard, tensor "
-                    "parallelism) yet: use it with DDP, FSDP1 or DeepSpeed ZeRO (flat shards), or use another "
-                    "optimizer with FSDP2."
-                )
-        flags = [torch.isfinite(p.grad).all() for p in params]
+            sharded.shards_of(p, type(self).__name__)
+        flags = sharded.all_finite(params, [torch.isfinite(sharded.local(p.grad)).all() for p in params])
         if len({f.device for f in flags}) == 1:
             return torch.stack(flags).tolist() if flags else []
         return [bool(f) for f in flags]
@@ -405,10 +449,33 @@ class AdamW4bit(Optimizer):
 
     def _init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
         m_layout, v_layout = choose_layout(p, group)
-        for key, (dtype, shape) in state_spec(p, m_layout, v_layout, group["block_size"]).items():
-            device = "cpu" if key == "step" else p.device
+        spec = state_spec(p, m_layout, v_layout, group["block_size"])
+        shards = sharded.shards_of(p, type(self).__name__)
+        rows = (
+            row_keys(tuple(p.shape), spec)
+            if shards and shards_state(p.shape, m_layout, group["block_size"])
+            else set()
+        )
+        if shards and not rows and m_layout == "q4":
+            self._warn_replicated(p, group)
+        for key, (dtype, shape) in spec.items():
+            device = "cpu" if key == "step" else sharded.local(p).device
             fill = 0x11 * quant4.DE_ZERO_CODE if key == "exp_avg_codes" else 0  # m = 0 is code 7 in both nibbles
-            state[key] = torch.full(shape, fill, dtype=dtype, device=device)
+            local_shape = (shards.local_rows, *shape[1:]) if key in rows else shape
+            value = torch.full(local_shape, fill, dtype=dtype, device=device)
+            state[key] = shards.wrap(value, shape, key in rows) if shards and key != "step" else value
+
+    def _warn_replicated(self, p: torch.Tensor, group: dict) -> None:
+        if getattr(self, "_warned_replicated", False):
+            return
+        self._warned_replicated = True
+        warnings.warn(
+            f"{type(self).__name__}: a sharded parameter of shape {tuple(p.shape)} has rows that are not whole "
+            f"quantisation blocks (block_size={group['block_size']}), so its 4-bit state is kept whole on every rank "
+            "and it steps the gathered parameter (other such parameters are not named again). Raise "
+            "min_quantized_numel above its size to keep fp32 states sharded instead.",
+            stacklevel=4,
+        )
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
@@ -419,62 +486,126 @@ class AdamW4bit(Optimizer):
         scalars = fused.StepScalars.from_group(
             group["lr"], beta1, beta2, group["eps"], group["weight_decay"], state["step"].item()
         )
-        m_layout, v_layout = state_layout(state)
+        layout, block_size = state_layout(state), group["block_size"]
+        shards = sharded.shards_of(p, type(self).__name__)
+        if shards is None:
+            self._step_tensor(p, p.grad, state, scalars, block_size, layout, None)
+        elif shards_state(p.shape, layout[0], block_size):
+            local_state = {k: sharded.local(v) for k, v in state.items()}
+            self._step_tensor(p.to_local(), p.grad.to_local(), local_state, scalars, block_size, layout, shards)
+        else:  # replicated state: step the gathered parameter, keep this rank's rows
+            whole = p.full_tensor()
+            local_state = {k: sharded.local(v) for k, v in state.items()}
+            self._step_tensor(whole, p.grad.full_tensor(), local_state, scalars, block_size, layout, None)
+            p.to_local().copy_(shards.rows_of(whole))
+
+    def _step_tensor(self, p, grad, state, scalars, block_size, layout, shards) -> None:
+        """Step a plain tensor ``p`` (a shard's rows when ``shards`` is set) with its plain state tensors."""
+        m_layout, v_layout = layout
         if m_layout == "q4" and v_layout in ("block", "rank1"):
             rank1 = v_layout == "rank1"
-            v_scales = (
-                [state[f"exp_avg_sq_stat{k}"] for k in range(len(quant4.squeezed_shape(p.shape)))]
-                if rank1
-                else [state["exp_avg_sq_absmax"]]
-            )
+            if rank1:  # as many statistics as the logical tensor has non-singleton dims (a shard may have one row)
+                v_scales = [
+                    state[f"exp_avg_sq_stat{k}"] for k in range(sum(k.startswith("exp_avg_sq_stat") for k in state))
+                ]
+            else:
+                v_scales = [state["exp_avg_sq_absmax"].view(-1)]
+            reduce = self._rank1_reduce(shards) if rank1 and shards else None
+            if p.numel() == 0:  # an empty shard still takes part in the reductions
+                if reduce is not None:
+                    zeros = [torch.zeros_like(stat) for stat in v_scales]
+                    reduce(zeros)
+                    for stat, new in zip(v_scales, zeros, strict=True):
+                        stat.copy_(new)
+                return
             fused.adamw4bit_step(
-                p, p.grad.contiguous(), state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"],
-                v_scales, scalars, group["block_size"], rank1,
+                p, grad.contiguous(), state["exp_avg_codes"].view(-1), state["exp_avg_absmax"].view(-1),
+                state["exp_avg_sq_codes"].view(-1), v_scales, scalars, block_size, rank1, reduce,
             )  # fmt: skip
         else:
-            self._update_reference(p, state, scalars, group["block_size"], m_layout, v_layout)
+            self._update_reference(p, grad, state, scalars, block_size, m_layout, v_layout, shards)
 
-    def _update_reference(self, p, state, scalars, block_size, m_layout, v_layout) -> None:
+    @staticmethod
+    def _rank1_reduce(shards):
+        """MAX across the shard group of the statistics that run over rows: all but dim 0's own (all of them when
+        dim 0 is a singleton, which then is not a statistic's dimension)."""
+        return lambda new: shards.all_max(new[1:] if shards.rows != 1 else new)
+
+    def _update_reference(self, p, grad, state, scalars, block_size, m_layout, v_layout, shards) -> None:
         """fp32 or factored v: the fused step's element-wise ops, on whole tensors."""
-        grad = p.grad.float()
+        grad = grad.float()
         if m_layout == "fp32":
             exp_avg = fused.next_m(state["exp_avg"], grad, scalars)
             state["exp_avg"].copy_(exp_avg)
+        elif p.numel() == 0:
+            exp_avg = grad.reshape(-1)
         else:
             exp_avg = fused.step_quantized_m(
-                state["exp_avg_codes"], state["exp_avg_absmax"], grad, scalars, block_size
+                state["exp_avg_codes"].view(-1), state["exp_avg_absmax"].view(-1), grad, scalars, block_size
             )
         if v_layout == "factored":
-            exp_avg_sq = self._factored_second_moment(state, grad, scalars)
+            exp_avg_sq = self._factored_second_moment(state, grad, scalars, shards)
         else:
             exp_avg_sq = fused.next_v(state["exp_avg_sq"], grad, scalars)
             state["exp_avg_sq"].copy_(exp_avg_sq)
-        p.copy_(fused.stepped_param(p.float(), exp_avg, exp_avg_sq, scalars))
+        p.copy_(fused.stepped_param(p.float(), exp_avg.view_as(p), exp_avg_sq, scalars))
 
     @staticmethod
-    def _factored_second_moment(state: dict, grad: torch.Tensor, scalars) -> torch.Tensor:
-        """Update R, C in place (separately rounded fp32 ops) and return the new v = (R / mean(R)) C."""
+    def _factored_second_moment(state: dict, grad: torch.Tensor, scalars, shards=None) -> torch.Tensor:
+        """Update R, C in place (separately rounded fp32 ops) and return the new v = (R / mean(R)) C; for a 2-D
+        shard, the means over rows are sums across the shard group over the global row count."""
         squared = grad * grad
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+
+        def mean_over_rows(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+            if shards is None or grad.dim() != 2:
+                return x.mean(dim=dim, keepdim=keepdim)
+            total = x.sum(dim=dim, keepdim=keepdim)
+            shards.all_sum([total])
+            return total / shards.rows
+
         row.copy_(row * scalars.beta2 + scalars.one_minus_beta2 * squared.mean(dim=-1))
-        col.copy_(col * scalars.beta2 + scalars.one_minus_beta2 * squared.mean(dim=-2))
-        row_mean = row.mean(dim=-1, keepdim=True)
+        col.copy_(col * scalars.beta2 + scalars.one_minus_beta2 * mean_over_rows(squared, -2))
+        row_mean = mean_over_rows(row, -1, keepdim=True)
         row_mean = torch.where(row_mean > 0, row_mean, torch.ones_like(row_mean))
         return (row / row_mean).unsqueeze(-1) * col.unsqueeze(-2)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Check the layout of every state against its parameter, then load without casting codes or scales."""
+        """Check the layout of every state against its parameter, then load without casting codes or scales.
+
+        Saved DTensor entries are gathered whole for the checks; a DTensor parameter's entries are then split as its
+        own state would be (``row_keys``), whatever mesh or state-dict type saved them.
+        """
         owner = type(self).__name__
+        whole = {i: {k: sharded.full(v) for k, v in saved.items()} for i, saved in state_dict.get("state", {}).items()}
+        state_dict = {**state_dict, "state": whole} if isinstance(state_dict, dict) else state_dict
         id_map = self._check_state_dict(state_dict)
         loaded = {}
         for index, saved in state_dict["state"].items():
             p = id_map[index]
             loaded[p] = {k: v.to("cpu" if k == "step" else p.device).clone() for k, v in saved.items()}
         super().load_state_dict({**state_dict, "state": {}})
-        for p, saved in loaded.items():
-            self.state[p] = saved
         for group in self.param_groups:
             _check_group(owner, group)
+            for p in group["params"]:
+                if p in loaded:
+                    self.state[p] = self._placed(p, loaded[p], group["block_size"])
+
+    def _placed(self, p: torch.Tensor, state: dict, block_size: int) -> dict:
+        """A checked, whole state as ``p`` keeps it: as it is for a plain tensor, DTensors split like ``_init_state``
+        for a DTensor parameter."""
+        shards = sharded.shards_of(p, type(self).__name__)
+        if shards is None:
+            return state
+        m_layout, v_layout = state_layout(state)
+        spec = state_spec(p, m_layout, v_layout, block_size)
+        rows = row_keys(tuple(p.shape), spec) if shards_state(p.shape, m_layout, block_size) else set()
+        return {
+            k: v
+            if k == "step"
+            else shards.wrap((shards.rows_of(v) if k in rows else v).contiguous(), v.shape, k in rows)
+            for k, v in state.items()
+        }
 
     def _check_state_dict(self, state_dict: dict) -> dict:
         """Saved parameter index -> live parameter, after refusing foreign or mismatched state dicts."""

@@ -12,17 +12,31 @@ d_out x d_in product is ever formed.
 
 It changes training only: an ALLoRA adapter is a plain LoRA adapter (lora_alpha == r, no dropout) that vanilla
 PEFT loads and runs unchanged. ``enable_allora(LoraConfig(...))`` returns a config whose linear layers train this
-way; nothing is added to ``adapter_config.json``. ``ALLoRALinear`` takes the variant through PEFT's documented
-``lora_variants`` property; the layer factory goes through ``hf_ext.peft.peft_compat``.
+way; nothing is added to ``adapter_config.json``.
+
+Targets: ``torch.nn.Linear`` (exact type) and transformers ``Conv1D`` get ``ALLoRALinear``; bitsandbytes ``Linear4bit``
+/ ``Linear8bitLt`` (QLoRA, in a model loaded in 4/8 bit, PEFT's own condition) get ``ALLoRALinear4bit`` /
+``ALLoRALinear8bitLt``. The row scale c reads A and B only, so a quantized base changes nothing in it: such a layer
+computes ``base_layer(x) + B A x``, the first term being bitsandbytes' own forward (and backward, for the gradient
+of x) on its quantized weight. Every other target type is refused when the model is built.
+
+The layers take the variant through PEFT's documented ``lora_variants`` property. The layer factory goes through
+``hf_ext.peft.peft_compat``; PEFT's bitsandbytes LoRA layers choose their variant in code
+(``resolve_lora_variant``, a symbol ``peft_compat`` lists and its contract test guards), so the 4/8-bit ALLoRA
+layers send that choice back to PEFT's generic ``lora_variants`` lookup.
 """
 
 import copy
 import functools
 import math
 
+import bitsandbytes as bnb
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import Linear4bit as LoraLinear4bit
+from peft.tuners.lora import Linear8bitLt as LoraLinear8bitLt
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from hf_ext.peft.peft_compat import (
@@ -118,6 +132,30 @@ class ALLoRALinearVariant(LoraVariant):
         return result + ALLoRAProduct.apply(x, lora_a.weight, lora_b.weight, module.allora_eta)
 
 
+class ALLoRAQuantizedVariant(ALLoRALinearVariant):
+    """``ALLoRALinearVariant`` for PEFT's bitsandbytes LoRA layers: the adapter term is added in ``result``'s dtype,
+    as those layers add plain LoRA's (so outputs in eval mode equal vanilla PEFT QLoRA's in every dtype)."""
+
+    @staticmethod
+    def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
+        """``result + (B A x).to(result.dtype)``: through ``ALLoRAProduct`` while ``module`` trains.
+
+        Args:
+            module: the ``ALLoRALinear4bit`` / ``ALLoRALinear8bitLt`` (``lora_A``, ``lora_B``, ``allora_eta``).
+            active_adapter: the adapter to apply.
+            x: the layer input, (..., d_in), in the adapter's dtype (PEFT casts it) unless autocast is on.
+            result: the bitsandbytes base layer's output, (..., d_out).
+            **kwargs: further keyword arguments of the layer's forward (unused).
+
+        Returns:
+            (..., d_out) tensor in ``result``'s dtype.
+        """
+        lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        if not module.training:
+            return result + lora_b(lora_a(x)).to(result.dtype)
+        return result + ALLoRAProduct.apply(x, lora_a.weight, lora_b.weight, module.allora_eta).to(result.dtype)
+
+
 class ALLoRALinear(LoraLinear):
     """PEFT's LoRA ``Linear`` (for ``nn.Linear`` and GPT-2 ``Conv1D`` bases) with the ALLoRA variant.
 
@@ -137,9 +175,9 @@ class ALLoRALinear(LoraLinear):
         base = base_layer_of(base_layer)
         if not is_plain_linear(base):
             raise ValueError(
-                f"use_allora: ALLoRA is defined for plain linear layers (torch.nn.Linear, transformers Conv1D), not "
-                f"{type(base).__module__}.{type(base).__name__}. Leave that layer out of target_modules, or train it "
-                "without ALLoRA."
+                f"ALLoRALinear takes torch.nn.Linear (exact type) and transformers Conv1D bases, not "
+                f"{type(base).__module__}.{type(base).__name__}; use enable_allora(config), which also builds the "
+                "bitsandbytes 4/8-bit layers."
             )
         super().__init__(base_layer, adapter_name, config=config, **linear_layer_kwargs(base, config, kwargs))
         self.allora_eta = eta
@@ -147,6 +185,73 @@ class ALLoRALinear(LoraLinear):
     @property
     def lora_variants(self) -> dict:
         return {(): ALLoRALinearVariant}
+
+
+class _ALLoRAQuantized:
+    """Mixin for PEFT's bitsandbytes LoRA layers, placed before them in the bases: ``lora_variants`` maps plain LoRA
+    (``()``) to ``ALLoRAQuantizedVariant``, and the variant is chosen from it by PEFT's generic
+    ``LoraLayer.resolve_lora_variant`` instead of the bnb layers' hand-written one (which never reads the mapping).
+
+    Constructed as PEFT's bnb layer, plus ``eta``: ``(base_layer, adapter_name, config, eta, r=..., lora_alpha=...,
+    **kwargs)``; the bnb dispatchers' extra settings (``compute_dtype``, ``threshold``, ...) are not needed.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, eta: float, **kwargs):
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+        self.allora_eta = eta
+
+    @property
+    def lora_variants(self) -> dict:
+        return {(): ALLoRAQuantizedVariant}
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs):
+        return LoraLayer.resolve_lora_variant(self, config=config, **kwargs)
+
+
+class ALLoRALinear4bit(_ALLoRAQuantized, LoraLinear4bit):
+    """PEFT's QLoRA ``Linear4bit`` layer (bitsandbytes ``Linear4bit`` base, nf4 or fp4) trained with ALLoRA.
+
+    Output ``base_layer(x) + B A x`` (bitsandbytes' 4-bit forward, then the adapter); ``ALLoRAProduct`` scales the
+    gradients of A and B. Args as ``_ALLoRAQuantized``.
+    """
+
+
+class ALLoRALinear8bitLt(_ALLoRAQuantized, LoraLinear8bitLt):
+    """PEFT's ``Linear8bitLt`` LoRA layer (bitsandbytes ``Linear8bitLt`` base) trained with ALLoRA.
+
+    Output ``base_layer(x) + B A x`` (bitsandbytes' int8 forward, then the adapter); ``ALLoRAProduct`` scales the
+    gradients of A and B. Args as ``_ALLoRAQuantized``.
+    """
+
+
+_QUANTIZED_LAYERS = ((bnb.nn.Linear4bit, ALLoRALinear4bit, 4), (bnb.nn.Linear8bitLt, ALLoRALinear8bitLt, 8))
+
+
+def _dispatch_allora(target: nn.Module, adapter_name: str, config: LoraConfig, *, eta: float, **kwargs) -> nn.Module:
+    """The layer factory: the ALLoRA layer for ``target``'s base type, an error naming the type otherwise.
+
+    bitsandbytes layers are taken under PEFT's own condition: the model is loaded in 4/8 bit (``loaded_in_4bit`` /
+    ``loaded_in_8bit``, from transformers' ``is_loaded_in_4bit`` / ``is_loaded_in_8bit``).
+    """
+    base = base_layer_of(target)
+    if is_plain_linear(base):
+        return ALLoRALinear(target, adapter_name, config=config, eta=eta, **kwargs)
+    name = f"{type(base).__module__}.{type(base).__name__}"
+    for bnb_cls, layer_cls, bits in _QUANTIZED_LAYERS:
+        if isinstance(base, bnb_cls):
+            if not kwargs.get(f"loaded_in_{bits}bit"):
+                raise ValueError(
+                    f"use_allora: a {name} target is taken in a model loaded in {bits} bit only (PEFT's condition), "
+                    f"and this model is not flagged so. Load it with transformers' BitsAndBytesConfig(load_in_{bits}"
+                    f"bit=True), or set model.is_loaded_in_{bits}bit = True on a model whose bitsandbytes layers you "
+                    "built yourself."
+                )
+            return layer_cls(target, adapter_name, config=config, eta=eta, **kwargs)
+    raise ValueError(
+        f"use_allora: ALLoRA is defined for linear layers (torch.nn.Linear, transformers Conv1D, and bitsandbytes "
+        f"Linear4bit / Linear8bitLt in a model loaded in 4/8 bit), not {name}. Leave that layer out of "
+        "target_modules, or train it without ALLoRA."
+    )
 
 
 def check_eta(eta: float) -> None:
@@ -206,8 +311,9 @@ def enable_allora(config: LoraConfig, eta: float = 2.0) -> LoraConfig:
     """A copy of ``config`` whose LoRA layers train with ALLoRA.
 
     Use it like any ``LoraConfig`` (``get_peft_model(model, enable_allora(LoraConfig(r=8, lora_alpha=8,
-    lora_dropout=0.0)))``); targets other than linear layers are refused when the model is built, not silently
-    given plain LoRA. The saved adapter is a plain LoRA adapter.
+    lora_dropout=0.0)))``), on a full-precision model or one loaded in 4/8 bit with bitsandbytes (QLoRA); targets
+    other than linear layers (``nn.Linear``, ``Conv1D``, bnb ``Linear4bit`` / ``Linear8bitLt``) are refused when
+    the model is built, not silently given plain LoRA. The saved adapter is a plain LoRA adapter.
 
     Args:
         config: a ``LoraConfig`` that passes ``check_allora_config``; left unchanged.
@@ -221,5 +327,5 @@ def enable_allora(config: LoraConfig, eta: float = 2.0) -> LoraConfig:
     """
     check_allora_config(config, eta)
     config = copy.deepcopy(config)
-    register_layer_factory(config, functools.partial(ALLoRALinear, eta=eta))
+    register_layer_factory(config, functools.partial(_dispatch_allora, eta=eta))
     return config

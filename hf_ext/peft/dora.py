@@ -11,9 +11,10 @@ which is PEFT's DoRA composition, in PEFT's product order, so CPU outputs match 
 one fused pass forward and one backward (``hf_ext.kernels.dora_compose``: Triton on CUDA, torch twin elsewhere)
 that keeps only ``base + s lora`` for the magnitude gradient. For the norm, PEFT pushes an identity matrix through
 both LoRA layers to form the d_out x d_in ``B A``; here ``n`` comes from ``hf_ext.kernels.dora_norm.
-factored_row_norm`` (``||W||^2 + 2 s rowdot(B, W A^T) + s^2 rowdot(B A A^T, B)``), with ``||W||^2`` cached per
-module and recomputed when the base weight changes (keyed on its ``data_ptr`` and ``_version``; an in-place change
-through ``weight.data`` bumps neither, so call ``clear_weight_sq_cache(module)`` after one). Merging, unmerging and
+factored_row_norm`` (``||W||^2 + 2 s rowdot(B, W A^T) + s^2 rowdot(B A A^T, B)``). A dense W's ``||W||^2`` comes
+from the blocks read for ``W A^T`` on every forward, never from a cache: under FSDP2 the weight is gathered again
+each forward into storage that can come back at the same address with the same version counter, so no key on the
+tensor would notice new values loaded into the shards. Merging, unmerging and
 the saved format are PEFT's: an adapter trained here is a plain DoRA adapter that vanilla PEFT loads; nothing is
 added to ``adapter_config.json``.
 
@@ -22,8 +23,10 @@ type) and transformers ``Conv1D`` targets get ``FastDoraLinear``, and whose bits
 ``Linear8bitLt`` targets (QDoRA, in a model loaded in 4/8 bit, PEFT's own condition) get ``FastDoraLinear4bit`` /
 ``FastDoraLinear8bitLt``: there the norm reads W through ``hf_ext.peft.quantized_rows.QuantizedRows``, dequantized
 one row chunk at a time (PEFT dequantizes the whole weight every forward), with ``||W||^2`` cached on the quantized
-storage; only the dropout path, which needs ``W dropout(x)``, dequantizes the whole weight, as PEFT does. Every
-other target type falls back to PEFT's own DoRA with a warning naming the type.
+storage (keyed on its ``data_ptr`` and ``_version``; after an in-place change through ``.data``, which bumps
+neither, call ``clear_weight_sq_cache(module)``); only the dropout path, which needs ``W dropout(x)``, dequantizes
+the whole weight, as PEFT does. Every other target type falls back to PEFT's own DoRA with a warning naming the
+type.
 
 The fast variant reaches the layers through PEFT's documented ``lora_variants`` property; what PEFT offers no public
 hook for (the layer factory, the bitsandbytes layers' variant choice, the DoRA cache) goes through
@@ -62,29 +65,21 @@ from hf_ext.peft.quantized_rows import QuantizedRows
 _CACHE_ATTR = "_fast_dora_weight_sq"
 
 
-def _weight_key(weight, fan_in_fan_out: bool) -> tuple:
-    """What identifies the base weight's current values: storage, version, shape, dtype, device and layout."""
-    if isinstance(weight, QuantizedRows):
-        return weight.cache_key()  # the quantized storage and its statistics
-    return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device, fan_in_fan_out)
-
-
-def cached_weight_sq(module: nn.Module, weight, fan_in_fan_out: bool) -> torch.Tensor:
-    """``||W_i||^2`` per output row, cached on ``module`` until the base weight changes.
+def cached_weight_sq(module: nn.Module, weight: QuantizedRows) -> torch.Tensor:
+    """``||W_i||^2`` per output row of a quantized base, cached on ``module`` until the quantized storage or its
+    statistics change (``QuantizedRows.cache_key``).
 
     Args:
         module: the layer to cache on (a plain attribute, never part of the state dict).
-        weight: the base weight, (d_out, d_in) or (d_in, d_out) with ``fan_in_fan_out``, or the ``QuantizedRows``
-            of a bitsandbytes base.
-        fan_in_fan_out: whether ``weight`` is stored as (d_in, d_out).
+        weight: the ``QuantizedRows`` of a bitsandbytes base, (d_out, d_in).
 
     Returns:
         (d_out,) fp32 tensor, detached.
     """
-    key = _weight_key(weight, fan_in_fan_out)
+    key = weight.cache_key()
     entry = module.__dict__.get(_CACHE_ATTR)
     if entry is None or entry[0] != key:
-        entry = (key, weight_sq_norms(weight, fan_in_fan_out))
+        entry = (key, weight_sq_norms(weight))
         module.__dict__[_CACHE_ATTR] = entry
     return entry[1]
 
@@ -134,13 +129,14 @@ def _weight_norm(module: LoraLinear, adapter: str, weight) -> torch.Tensor:
 
     def compute() -> torch.Tensor:
         fan_in_fan_out = module.fan_in_fan_out
+        quantized = isinstance(weight, QuantizedRows)  # the cache saves a dequantization pass; dense: module docstring
         return factored_row_norm(
             weight,
             module.lora_A[adapter].weight,
             module.lora_B[adapter].weight,
             module.scaling[adapter],
             fan_in_fan_out=fan_in_fan_out,
-            weight_sq=cached_weight_sq(module, weight, fan_in_fan_out),
+            weight_sq=cached_weight_sq(module, weight) if quantized else None,
         )
 
     return dora_cached_weight_norm(module.lora_magnitude_vector[adapter], adapter, compute)

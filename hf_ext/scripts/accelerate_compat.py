@@ -7,11 +7,10 @@
   names, ``cpu`` and ``config_file``.
 - ``accelerate.commands.config.default_config_file``: the file ``accelerate config`` writes, which a launch without
   ``--config_file`` reads.
-- The environment accelerate's launcher gives each rank (``accelerate.utils.launch``): ``ACCELERATE_USE_FSDP`` and
-  ``FSDP_VERSION`` for FSDP, ``ACCELERATE_DEEPSPEED_CONFIG_FILE`` for DeepSpeed, ``ACCELERATE_USE_CPU``, which its
+- The environment accelerate's launcher gives each rank (``accelerate.utils.launch``):
+  ``ACCELERATE_DEEPSPEED_CONFIG_FILE`` for DeepSpeed, ``ACCELERATE_USE_CPU``, which its
   multi-GPU launcher does not set from a config file's ``use_cpu`` (hf-ext exports it for CPU ranks).
-- The keys of an accelerate config file: ``distributed_type``, ``fsdp_config.fsdp_version``,
-  ``deepspeed_config.deepspeed_config_file``, ``use_cpu``.
+- The keys of an accelerate config file: ``deepspeed_config.deepspeed_config_file``, ``use_cpu``.
 """
 
 import os
@@ -23,11 +22,11 @@ from accelerate.commands.launch import launch_command, launch_command_parser
 __all__ = [
     "default_config_file",
     "export_use_cpu",
-    "file_distribution",
+    "file_deepspeed_config",
     "launch_command",
     "launch_command_parser",
     "launch_option_strings",
-    "launched_distribution",
+    "launched_deepspeed_config",
 ]
 
 LAUNCH_DEFAULTS = ("num_processes", "num_machines", "mixed_precision", "dynamo_backend")
@@ -38,16 +37,14 @@ def launch_option_strings() -> set[str]:
     return {option for action in launch_command_parser()._actions for option in action.option_strings}
 
 
-def launched_distribution() -> tuple[str | None, str | None]:
-    """(FSDP version or None, DeepSpeed config file or None) that accelerate's launcher passed this rank."""
-    fsdp = os.environ.get("FSDP_VERSION") if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else None
-    return fsdp, os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+def launched_deepspeed_config() -> str | None:
+    """The DeepSpeed config file that accelerate's launcher passed this rank, or None."""
+    return os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
 
 
-def file_distribution(config: dict) -> tuple[str | None, str | None]:
-    """(FSDP version or None, DeepSpeed config file or None) that the accelerate config file ``config`` asks for."""
-    fsdp = (config.get("fsdp_config") or {}).get("fsdp_version") if config.get("distributed_type") == "FSDP" else None
-    return fsdp, (config.get("deepspeed_config") or {}).get("deepspeed_config_file")
+def file_deepspeed_config(config: dict) -> str | None:
+    """The DeepSpeed config file that the accelerate config file ``config`` names, or None."""
+    return (config.get("deepspeed_config") or {}).get("deepspeed_config_file")
 
 
 def export_use_cpu() -> None:

@@ -224,31 +224,21 @@ def rows_for_one_step(training_args) -> tuple[int, str]:
     return 1, "Add rows"
 
 
-def check_composition(
-    training_args, model_args, deepspeed_config_file: str | None = None, fsdp_version: str | None = None
-) -> None:
+def check_composition(training_args, model_args, deepspeed_config_file: str | None = None) -> None:
     """Refuses, before any model is loaded, combinations hf_ext does not define: the adapter switches against the
     LoRA settings (ALLoRA with DoRA among them; the trainer's own checks, run early) and an hf_ext optimizer under a
-    DeepSpeed config whose ``optimizer`` block would silently replace it, or under FSDP2. ``deepspeed_config_file``
-    and ``fsdp_version`` default to what accelerate passes its ranks."""
+    DeepSpeed config whose ``optimizer`` block would silently replace it. ``deepspeed_config_file`` defaults to
+    what accelerate passes its ranks."""
     from trl import get_peft_config
 
     from hf_ext.optim import OPTIMIZERS
-    from hf_ext.scripts.accelerate_compat import launched_distribution
+    from hf_ext.scripts.accelerate_compat import launched_deepspeed_config
     from hf_ext.trainers.adapter_args import adapter_peft_config
 
     adapter_peft_config(training_args, None, get_peft_config(model_args))
     if training_args.optim not in OPTIMIZERS:
         return
-    launched_fsdp, launched_deepspeed = launched_distribution()
-    fsdp_version = fsdp_version or launched_fsdp
-    if str(fsdp_version) == "2":
-        raise ValueError(
-            f"optim={training_args.optim!r} does not support FSDP2 yet (its parameters are DTensors): use FSDP1 "
-            "(fsdp_version: 1), DeepSpeed ZeRO (zero2, zero3) or DDP (multi_gpu) with it, or optim='adamw_torch' "
-            "with FSDP2."
-        )
-    deepspeed_config_file = deepspeed_config_file or launched_deepspeed
+    deepspeed_config_file = deepspeed_config_file or launched_deepspeed_config()
     for source in (training_args.deepspeed, deepspeed_config_file):
         if isinstance(source, str):
             with open(source) as handle:

@@ -2,6 +2,7 @@
 
 import io
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from test_optim4bit_oracle import U, step_constants
 
 from hf_ext.kernels import adamw4bit_step as fused
 from hf_ext.kernels import quant4 as quant
-from hf_ext.optim import OPTIMIZERS, AdamW4bit, AdamW4bitFactor
+from hf_ext.optim import OPTIMIZERS, AdamW4bit, AdamW4bitFactor, sharded
 from hf_ext.optim.adamw4bit import state_nbytes
 
 
@@ -457,18 +458,37 @@ def test_load_refuses_mismatched_shapes_and_variants():
         AdamW4bit(params).load_state_dict(broken)
 
 
-def test_dtensor_parameters_are_refused_clearly(tmp_path):
-    """FSDP2 hands the optimizer DTensors; until they are supported the first step says so (one gloo rank)."""
+def test_dtensor_parameters_on_one_rank_step_as_plain_ones_and_other_layouts_are_refused(tmp_path):
+    """A row-sharded DTensor (FSDP2) on a 1-rank mesh gets DTensor states and the plain tensor's bits, every layout;
+    a tensor-parallel placement (Shard(1)) is refused naming the placements."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        param = torch.nn.Parameter(distribute_tensor(torch.randn(64, 128), mesh, [Shard(0)]))
-        param.grad = distribute_tensor(torch.randn(64, 128), mesh, [Shard(0)])
-        with pytest.raises(TypeError, match=r"AdamW4bit does not support DTensor parameters \(FSDP2"):
+        for cls in (AdamW4bit, AdamW4bitFactor):
+            values = [torch.randn(64, 128), torch.randn(9000), torch.randn(3, 5), torch.randn(40, 150)]
+            plain = [torch.nn.Parameter(v.clone()) for v in values]
+            shard = [torch.nn.Parameter(distribute_tensor(v.clone(), mesh, [Shard(0)])) for v in values]
+            opts = [cls(params, min_quantized_numel=16) for params in (plain, shard)]
+            for _ in range(3):
+                grads = [torch.randn_like(v) for v in values]
+                for params, opt in zip((plain, shard), opts, strict=True):
+                    for p, g in zip(params, grads, strict=True):
+                        p.grad = distribute_tensor(g, mesh, [Shard(0)]) if isinstance(p, DTensor) else g
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # the replicated (9000,) and (40, 150) states
+                        opt.step()
+            for p, q in zip(plain, shard, strict=True):
+                assert torch.equal(p.detach(), q.detach().full_tensor())
+                for key, value in opts[1].state[q].items():
+                    assert isinstance(value, DTensor) == (key != "step")
+                    assert torch.equal(opts[0].state[p][key], sharded.full(value)), key
+        param = torch.nn.Parameter(distribute_tensor(torch.randn(64, 128), mesh, [Shard(1)]))
+        param.grad = distribute_tensor(torch.randn(64, 128), mesh, [Shard(1)])
+        with pytest.raises(TypeError, match=r"sharded along dim 0 on one mesh dimension.*Shard\(dim=1\)"):
             AdamW4bit([param]).step()
     finally:
         dist.destroy_process_group()

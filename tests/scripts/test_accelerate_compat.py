@@ -21,18 +21,15 @@ def test_launch_parser_options_and_parsed_names():
 
 def test_launcher_sets_the_environment_the_ranks_read():
     source = inspect.getsource(launch_utils)
-    for variable in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_USE_CPU"):
+    for variable in ("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_USE_CPU"):
         assert f'current_env["{variable}"]' in source, f"accelerate.utils.launch no longer sets {variable}"
 
 
-def test_distribution_readings(monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", "2")
-    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
-    assert accelerate_compat.launched_distribution() == ("2", None)
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
-    assert accelerate_compat.launched_distribution() == (None, None)
-    fsdp = {"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2}}
-    assert accelerate_compat.file_distribution(fsdp) == (2, None)
+def test_deepspeed_config_readings(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "zero2.json")
+    assert accelerate_compat.launched_deepspeed_config() == "zero2.json"
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    assert accelerate_compat.launched_deepspeed_config() is None
     zero = {"distributed_type": "DEEPSPEED", "deepspeed_config": {"deepspeed_config_file": "zero2.json"}}
-    assert accelerate_compat.file_distribution(zero) == (None, "zero2.json")
+    assert accelerate_compat.file_deepspeed_config(zero) == "zero2.json"
+    assert accelerate_compat.file_deepspeed_config({"distributed_type": "FSDP"}) is None

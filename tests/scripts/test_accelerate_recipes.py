@@ -195,13 +195,9 @@ def test_hf_ext_optimizer_under_a_deepspeed_optimizer_block_is_refused(tmp_path,
         assert no_launch[0].config_file == str(accelerate_file)
 
 
-@pytest.mark.parametrize(("optim", "refused"), [("hf_ext_adamw_4bit", True), ("adamw_torch", False)])
-def test_hf_ext_optimizer_under_fsdp2_is_refused(no_launch, optim, refused):
+@pytest.mark.parametrize("optim", ["hf_ext_adamw_4bit", "hf_ext_adamw_4bit_factor", "adamw_torch"])
+def test_fsdp2_recipe_launches_every_optimizer(no_launch, optim):
+    """The 4-bit optimizers shard their states with FSDP2's DTensor parameters (tests/distributed): not refused."""
     argv = ["sft", "--config", str(CONFIGS / "sft_allora_4bit.yaml"), "--optim", optim, "--accelerate_config", "fsdp2"]
-    if refused:
-        with pytest.raises(ValueError, match=r"optim='hf_ext_adamw_4bit' does not support FSDP2 yet"):
-            main(argv)
-        assert not no_launch
-    else:
-        main(argv)
-        assert no_launch[0].config_file.endswith("fsdp2.yaml")
+    main(argv)
+    assert no_launch[0].config_file.endswith("fsdp2.yaml")
