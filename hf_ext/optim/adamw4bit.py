@@ -115,8 +115,11 @@ def row_keys(shape: tuple[int, ...], spec: dict[str, tuple]) -> set[str]:
 
     Returns:
         fp32 moments, row-wise codes and block scales, the factored row statistic (and the column one for ndim >=
-        3) and the rank-1 statistic of dim 0 when dim 0 is not a singleton; never ``step``.
+        3) and the rank-1 statistic of dim 0 when dim 0 is not a singleton; never ``step``. None at all when m's
+        codes are flat (rows that are not whole blocks): that state is replicated whole (``shards_state``).
     """
+    if "exp_avg_codes" in spec and len(spec["exp_avg_codes"][1]) == 1:
+        return set()
     keys = {"exp_avg", "exp_avg_sq", "exp_avg_sq_row"} & spec.keys()
     keys |= {
         k
@@ -417,22 +420,22 @@ class AdamW4bit(Optimizer):
             for index, p in enumerate(group["params"])
             if p.grad is not None
         ]
-        finite = self._finite_grads([p for _, _, p in work])
+        for _, _, p in work:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+        splits = [sharded.shards_of(p, type(self).__name__) for _, _, p in work]
+        finite = self._finite_grads([p for _, _, p in work], splits)
         for (group, index, p), ok in zip(work, finite, strict=True):
             if not ok and group["nonfinite_grads"] == "raise":
                 raise ValueError(self._nonfinite_message(group, index, p))
-        for (group, _, p), ok in zip(work, finite, strict=True):
+        for (group, _, p), shards, ok in zip(work, splits, finite, strict=True):
             if ok:
-                self._update(p, group)
+                self._update(p, group, shards)
         return loss
 
-    def _finite_grads(self, params: list[torch.Tensor]) -> list[bool]:
+    def _finite_grads(self, params: list[torch.Tensor], splits: list) -> list[bool]:
         """One device sync for all gradients (per device); DTensor flags agreed across their shard group."""
-        for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
-            sharded.shards_of(p, type(self).__name__)
-        flags = sharded.all_finite(params, [torch.isfinite(sharded.local(p.grad)).all() for p in params])
+        flags = sharded.all_finite(splits, [torch.isfinite(sharded.local(p.grad)).all() for p in params])
         if len({f.device for f in flags}) == 1:
             return torch.stack(flags).tolist() if flags else []
         return [bool(f) for f in flags]
@@ -451,11 +454,7 @@ class AdamW4bit(Optimizer):
         m_layout, v_layout = choose_layout(p, group)
         spec = state_spec(p, m_layout, v_layout, group["block_size"])
         shards = sharded.shards_of(p, type(self).__name__)
-        rows = (
-            row_keys(tuple(p.shape), spec)
-            if shards and shards_state(p.shape, m_layout, group["block_size"])
-            else set()
-        )
+        rows = row_keys(tuple(p.shape), spec) if shards else set()
         if shards and not rows and m_layout == "q4":
             self._warn_replicated(p, group)
         for key, (dtype, shape) in spec.items():
@@ -477,7 +476,8 @@ class AdamW4bit(Optimizer):
             stacklevel=4,
         )
 
-    def _update(self, p: torch.Tensor, group: dict) -> None:
+    def _update(self, p: torch.Tensor, group: dict, shards) -> None:
+        """Step ``p`` and its state; ``shards``: ``sharded.shards_of(p)``."""
         state = self.state[p]
         if not state:
             self._init_state(p, group, state)
@@ -487,15 +487,14 @@ class AdamW4bit(Optimizer):
             group["lr"], beta1, beta2, group["eps"], group["weight_decay"], state["step"].item()
         )
         layout, block_size = state_layout(state), group["block_size"]
-        shards = sharded.shards_of(p, type(self).__name__)
         if shards is None:
             self._step_tensor(p, p.grad, state, scalars, block_size, layout, None)
-        elif shards_state(p.shape, layout[0], block_size):
-            local_state = {k: sharded.local(v) for k, v in state.items()}
+            return
+        local_state = {k: sharded.local(v) for k, v in state.items()}
+        if shards_state(p.shape, layout[0], block_size):
             self._step_tensor(p.to_local(), p.grad.to_local(), local_state, scalars, block_size, layout, shards)
         else:  # replicated state: step the gathered parameter, keep this rank's rows
             whole = p.full_tensor()
-            local_state = {k: sharded.local(v) for k, v in state.items()}
             self._step_tensor(whole, p.grad.full_tensor(), local_state, scalars, block_size, layout, None)
             p.to_local().copy_(shards.rows_of(whole))
 
@@ -598,8 +597,7 @@ class AdamW4bit(Optimizer):
         if shards is None:
             return state
         m_layout, v_layout = state_layout(state)
-        spec = state_spec(p, m_layout, v_layout, block_size)
-        rows = row_keys(tuple(p.shape), spec) if shards_state(p.shape, m_layout, block_size) else set()
+        rows = row_keys(tuple(p.shape), state_spec(p, m_layout, v_layout, block_size))
         return {
             k: v
             if k == "step"

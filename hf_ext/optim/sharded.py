@@ -20,18 +20,17 @@ from torch.distributed.tensor import DeviceMesh, DTensor, Replicate, Shard
 
 @dataclass(frozen=True)
 class Shards:
-    """How one DTensor parameter is split: dim 0 across ``group`` (mesh dimension ``mesh_dim``), ``rows`` in all,
+    """How one DTensor parameter is split: dim 0 across ``group`` (one mesh dimension's), ``rows`` in all,
     this rank holding rows ``[start, start + local_rows)``.
 
     Attributes:
         mesh, placements: the parameter's device mesh and placements.
-        mesh_dim: the mesh dimension that shards dim 0; group: its process group.
+        group: the process group of the mesh dimension that shards dim 0.
         rows, start, local_rows: the parameter's dim-0 size, and this rank's first row and row count.
     """
 
     mesh: DeviceMesh
     placements: tuple
-    mesh_dim: int
     group: object
     rows: int
     start: int
@@ -97,7 +96,7 @@ def shards_of(param: torch.Tensor, owner: str) -> Shards | None:
             f"{owner}: a DTensor parameter of shape {tuple(param.shape)} holds {local_rows} rows on rank {rank} of "
             f"{world}; torch.chunk's split (FSDP2's) gives {min(per_rank, rows - start)}."
         )
-    return Shards(mesh, placements, mesh_dim, mesh.get_group(mesh_dim), rows, start, local_rows)
+    return Shards(mesh, placements, mesh.get_group(mesh_dim), rows, start, local_rows)
 
 
 def local(value):
@@ -110,20 +109,20 @@ def full(value):
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def all_finite(params: list[torch.Tensor], flags: list[torch.Tensor]) -> list[torch.Tensor]:
+def all_finite(splits: list[Shards | None], flags: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per-parameter "gradient is finite" flags agreed by every rank: a DTensor's local flag is AND-reduced across
     its shard group (one collective per group), so all ranks skip or raise together.
 
     Args:
-        params: the parameters; flags: bool 0-d tensors, this rank's ``isfinite(local grad).all()`` for each.
+        splits: each parameter's ``shards_of`` (None for a plain tensor); flags: bool 0-d tensors, this rank's
+            ``isfinite(local grad).all()`` for each.
 
     Returns:
         The flags, those of DTensor parameters replaced by the group's.
     """
     by_group: dict[object, list[int]] = {}
-    for i, p in enumerate(params):
-        if isinstance(p, DTensor):
-            shards = shards_of(p, "all_finite")
+    for i, shards in enumerate(splits):
+        if shards is not None:
             by_group.setdefault(shards.group, []).append(i)
     flags = list(flags)
     for group, indices in by_group.items():

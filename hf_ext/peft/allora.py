@@ -41,6 +41,7 @@ from torch import nn
 
 from hf_ext.peft.peft_compat import (
     LoraVariant,
+    VariantFromMapping,
     base_layer_of,
     is_plain_linear,
     linear_layer_kwargs,
@@ -187,10 +188,9 @@ class ALLoRALinear(LoraLinear):
         return {(): ALLoRALinearVariant}
 
 
-class _ALLoRAQuantized:
+class _ALLoRAQuantized(VariantFromMapping):
     """Mixin for PEFT's bitsandbytes LoRA layers, placed before them in the bases: ``lora_variants`` maps plain LoRA
-    (``()``) to ``ALLoRAQuantizedVariant``, and the variant is chosen from it by PEFT's generic
-    ``LoraLayer.resolve_lora_variant`` instead of the bnb layers' hand-written one (which never reads the mapping).
+    (``()``) to ``ALLoRAQuantizedVariant``, chosen from it by PEFT's generic lookup (``VariantFromMapping``).
 
     Constructed as PEFT's bnb layer, plus ``eta``: ``(base_layer, adapter_name, config, eta, r=..., lora_alpha=...,
     **kwargs)``; the bnb dispatchers' extra settings (``compute_dtype``, ``threshold``, ...) are not needed.
@@ -203,9 +203,6 @@ class _ALLoRAQuantized:
     @property
     def lora_variants(self) -> dict:
         return {(): ALLoRAQuantizedVariant}
-
-    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs):
-        return LoraLayer.resolve_lora_variant(self, config=config, **kwargs)
 
 
 class ALLoRALinear4bit(_ALLoRAQuantized, LoraLinear4bit):

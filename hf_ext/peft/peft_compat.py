@@ -16,7 +16,9 @@ it):
   magnitude initialization and merging, so merged weights and saved adapters are PEFT's.
 - ``peft.tuners.lora.bnb.Linear4bit.resolve_lora_variant`` / ``Linear8bitLt.resolve_lora_variant``: these layers
   choose their variant in code and never read ``lora_variants``. ``DoraVariantFromMapping`` overrides the method so
-  that where PEFT returns a ``DoraLinearVariant`` the layer's ``lora_variants[("use_dora",)]`` is used instead.
+  that where PEFT returns a ``DoraLinearVariant`` the layer's ``lora_variants[("use_dora",)]`` is used instead;
+  ``VariantFromMapping`` sends the whole choice to ``peft.tuners.lora.LoraLayer.resolve_lora_variant``, the generic
+  lookup in ``lora_variants`` (ALLoRA's 4/8-bit layers, whose variant replaces plain LoRA).
 - ``peft.LoraConfig._register_custom_module`` (experimental, described in PEFT's custom-models guide) and the
   dispatch in ``peft.tuners.lora.model.LoraModel._create_new_module`` that reads it: registered factories run
   before PEFT's own dispatchers, the first whose key the target's base layer is an instance of is called as
@@ -45,7 +47,7 @@ from typing import Any
 import torch
 from peft import LoraConfig
 from peft.tuners.lora.dora import cache_decorator
-from peft.tuners.lora.layer import LoraVariant
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -55,6 +57,7 @@ __all__ = [
     "DoraLinearVariant",
     "DoraVariantFromMapping",
     "LoraVariant",
+    "VariantFromMapping",
     "base_layer_of",
     "dora_cached_weight_norm",
     "is_plain_linear",
@@ -144,6 +147,15 @@ class DoraVariantFromMapping:
         if type(variant) is DoraLinearVariant:
             return self.lora_variants[("use_dora",)]()
         return variant
+
+
+class VariantFromMapping:
+    """Mixin for PEFT's bitsandbytes LoRA layers, placed before them in the bases: the variant is chosen from the
+    layer's ``lora_variants`` by PEFT's generic ``LoraLayer.resolve_lora_variant``, not by the bnb layers' own
+    method (which never reads the mapping)."""
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs) -> LoraVariant | None:
+        return LoraLayer.resolve_lora_variant(self, config=config, **kwargs)
 
 
 @cache_decorator("weight-norm")
