@@ -6,7 +6,9 @@ between. Two sides keep them together:
 
 - the command, ``launched_run``: on SIGINT or SIGTERM every process below it gets that signal, what is left after
   ``STOP_GRACE_S`` (or at a further signal) is killed, and only then does the command exit, with 128 + the signal
-  number (130, 143);
+  number (130, 143). A launcher may stop its children first (torch's elastic agent does; so does accelerate's
+  one-process launcher on SIGTERM, from accelerate 1.16 on, with 5 s before its kill); the command still checks
+  that none is left;
 - each rank, ``exit_with_launcher``: once the command is gone, whatever ended it (SIGKILL, SIGHUP included), the rank
   ends itself within ``WATCH_INTERVAL_S``, writing nothing more.
 """
@@ -42,9 +44,10 @@ def launched_run():
     """Wraps ``accelerate launch`` in the ``hf-ext`` process (main thread). The ranks started inside find
     ``LAUNCHER_PID`` in their environment (``os.environ`` and the signal handlers are restored on the way out). On
     SIGINT or SIGTERM: every descendant process gets that signal, those still running after ``STOP_GRACE_S`` or at a
-    further signal are killed, a line on stderr says so, then ``SystemExit(128 + signal number)``. torch's elastic
-    agent replaces these handlers while its workers run; it stops them the same way and raises ``SignalException``,
-    which ends here the same way."""
+    further signal are killed, a line on stderr says so, then ``SystemExit(128 + signal number)``. A launcher that
+    replaces these handlers while its children run (torch's elastic agent; accelerate's one-process launcher for
+    SIGTERM) stops them itself and raises ``SignalException`` or ``SystemExit(128 + signal number)``; either ends
+    here the same way."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
     previous_handlers = {signum: signal.signal(signum, _raise_stop) for signum in STOP_SIGNALS}
@@ -52,8 +55,10 @@ def launched_run():
     os.environ[LAUNCHER_PID] = str(os.getpid())
     try:
         yield
-    except (_Stop, SignalException) as stop:
-        signum = stop.signum if isinstance(stop, _Stop) else stop.sigval
+    except (_Stop, SignalException, SystemExit) as stop:
+        signum = _stop_signal(stop)
+        if signum is None:
+            raise
         for each in STOP_SIGNALS:  # a further signal, even under the elastic agent's handlers, stops the waiting
             signal.signal(each, _raise_stop)
         left = _stop_descendants(signum)
@@ -71,6 +76,16 @@ def launched_run():
             os.environ.pop(LAUNCHER_PID, None)
         else:
             os.environ[LAUNCHER_PID] = previous_pid
+
+
+def _stop_signal(stop: BaseException) -> int | None:
+    """The stop signal that ``stop`` reports: a ``_Stop``, the elastic agent's ``SignalException``, or a launcher's
+    ``SystemExit`` with 128 + the number of one of ``STOP_SIGNALS``; None for any other exit."""
+    if isinstance(stop, _Stop):
+        return stop.signum
+    if isinstance(stop, SystemExit):
+        return next((signum for signum in STOP_SIGNALS if stop.code == 128 + signum), None)
+    return stop.sigval
 
 
 def _stop_descendants(signum: int) -> list:
