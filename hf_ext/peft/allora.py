@@ -39,6 +39,7 @@ from peft.tuners.lora import Linear8bitLt as LoraLinear8bitLt
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from hf_ext.peft.bnb_compat import keep_training_layout
 from hf_ext.peft.peft_compat import (
     LoraVariant,
     VariantFromMapping,
@@ -243,6 +244,7 @@ def _dispatch_allora(target: nn.Module, adapter_name: str, config: LoraConfig, *
                     f"bit=True), or set model.is_loaded_in_{bits}bit = True on a model whose bitsandbytes layers you "
                     "built yourself."
                 )
+            keep_training_layout(base)
             return layer_cls(target, adapter_name, config=config, eta=eta, **kwargs)
     raise ValueError(
         f"use_allora: ALLoRA is defined for linear layers (torch.nn.Linear, transformers Conv1D, and bitsandbytes "

@@ -24,8 +24,13 @@ storage layout. Per upstream symbol (each guarded by ``tests/peft/test_bnb_compa
 - ``bitsandbytes.functional.QuantState(absmax, shape, code, blocksize, quant_type, dtype)`` with
   ``dequantize_4bit(A, quant_state)``: dequantizes such a row slice; the documented ``absmax=``/``out=`` form
   needs the ``.out`` kernel, which bitsandbytes' CPU backend lacks.
+- ``Linear4bit.support_avx512bf16_for_cpu`` and ``QuantState.packing_format_for_cpu`` (bitsandbytes >= 0.50): on a
+  CPU with AVX512-BF16 a ``Linear4bit`` repacks its weight in place at its first eval forward without grad, for
+  its fused inference kernel (another byte order, bf16 block statistics); ``_convert_weight_packed_for_cpu`` and
+  ``_convert_weight_packed_for_cpu_inverse`` in ``bitsandbytes.functional`` convert between the two layouts.
 """
 
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -36,6 +41,7 @@ from torch import nn
 
 
 QuantizedKind = Literal["4bit", "8bit"]
+_warned_repacking = False
 
 
 def quantized_kind(layer: nn.Module) -> QuantizedKind | None:
@@ -150,3 +156,35 @@ def row_dequantizer(layer: nn.Module) -> Callable[[int, int], torch.Tensor] | No
         return bnbF.dequantize_4bit(rows, rows_state).view(stop - start, d_in)
 
     return read
+
+
+def keep_training_layout(layer: nn.Module) -> None:
+    """Keeps ``layer``'s 4-bit weight in the layout that training, merging and ``row_dequantizer`` read.
+
+    bitsandbytes' CPU repacking for inference (module docstring) breaks what an adapter does next: a training
+    forward after an eval pass fails inside bitsandbytes, and dequantizing the repacked weight (PEFT's merge, the
+    QDoRA norm) reads the wrong layout. So for ``layer`` the repacking is turned off (warned once per process; its
+    eval forward then dequantizes and multiplies, as training does), and a weight repacked already is converted
+    back by bitsandbytes' inverse (exact but for the bf16-rounded block statistics).
+
+    Args:
+        layer: any module; only a bitsandbytes ``Linear4bit`` changes.
+    """
+    global _warned_repacking
+    if not isinstance(layer, bnb.nn.Linear4bit):
+        return
+    if getattr(layer, "support_avx512bf16_for_cpu", False):
+        layer.support_avx512bf16_for_cpu = False
+        if not _warned_repacking:
+            _warned_repacking = True
+            warnings.warn(
+                "bitsandbytes' AVX512-BF16 repacking of 4-bit weights for CPU inference is turned off on the "
+                "Linear4bit layers that hf_ext adapters wrap: training after an eval pass, merging and QDoRA need the "
+                "training layout. Their eval forward on CPU dequantizes and multiplies instead.",
+                stacklevel=2,
+            )
+    state = getattr(layer.weight, "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        layer.weight.data, layer.weight.quant_state = bnbF._convert_weight_packed_for_cpu_inverse(
+            layer.weight.data, state
+        )

@@ -48,7 +48,7 @@ from torch import nn
 
 from hf_ext.kernels.dora_compose import dora_compose
 from hf_ext.kernels.dora_norm import factored_row_norm, weight_sq_norms
-from hf_ext.peft.bnb_compat import quantized_kind
+from hf_ext.peft.bnb_compat import keep_training_layout, quantized_kind
 from hf_ext.peft.peft_compat import (
     DoraLinearVariant,
     DoraVariantFromMapping,
@@ -244,6 +244,7 @@ def _dispatch_fast_dora(target: nn.Module, adapter_name: str, config: LoraConfig
     if is_plain_linear(base):
         return FastDoraLinear(target, adapter_name, config=config, **kwargs)
     if kwargs.get("loaded_in_4bit") and isinstance(base, bnb.nn.Linear4bit):
+        keep_training_layout(base)
         return FastDoraLinear4bit(target, adapter_name, config=config, **kwargs)
     if kwargs.get("loaded_in_8bit") and isinstance(base, bnb.nn.Linear8bitLt):
         return FastDoraLinear8bitLt(target, adapter_name, config=config, **kwargs)

@@ -15,15 +15,11 @@ a missing or doubled 1/world) moves parameters by the size of an update, >= 2.4e
 """
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-
-sys.path.insert(0, str(Path(__file__).parent))
-from launch import run_ranks  # noqa: E402
+from launch import run_ranks
 
 
 pytestmark = pytest.mark.multiproc

@@ -15,6 +15,7 @@ largest difference relative to the largest entry of the reference:
 
 import json
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -70,6 +71,16 @@ class DequantizedNet(nn.Module):
         self.up, self.down = dense_linear(quantized.up), dense_linear(quantized.down)
 
     forward = QuantizedNet.forward
+
+
+def without_cpu_repacking(model: nn.Module) -> nn.Module:
+    """``model`` with bitsandbytes' AVX512-BF16 repacking off, as hf_ext's adapters keep it
+    (``bnb_compat.keep_training_layout``): on a CPU with that extension vanilla PEFT's eval forward would run
+    bitsandbytes' bf16 inference kernel, and its merge would dequantize the repacked layout."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def quantized_and_reference(kind, quant):
@@ -199,7 +210,7 @@ def test_saved_adapter_runs_in_vanilla_peft_on_the_quantized_base(kind, tmp_path
     model.save_pretrained(tmp_path)
     assert not any("allora" in key for key in json.loads((tmp_path / "adapter_config.json").read_text()))
 
-    vanilla = PeftModel.from_pretrained(QuantizedNet(kind), tmp_path)  # same seed: the same quantized weights
+    vanilla = PeftModel.from_pretrained(without_cpu_repacking(QuantizedNet(kind)), tmp_path)  # the same weights
     peft_cls = LoraLinear4bit if kind == "4bit" else LoraLinear8bitLt
     assert sum(type(m) is peft_cls for m in vanilla.modules()) == 2
     assert not any(isinstance(m, ALLoRALinear | ALLoRALinear4bit | ALLoRALinear8bitLt) for m in vanilla.modules())
@@ -240,7 +251,7 @@ def test_qlora_recipe_trains_allora_on_nf4_and_saves_plain_lora(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(
         materialize_model(), quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     )
-    vanilla = PeftModel.from_pretrained(base, tmp_path).eval()
+    vanilla = PeftModel.from_pretrained(without_cpu_repacking(base), tmp_path).eval()
     assert sum(type(m) is LoraLinear4bit for m in vanilla.modules()) == 14
     with torch.no_grad():  # TRL trains a quantized model's LoRA factors in bf16; vanilla PEFT loads them as fp32
         for name, param in trainer.model.named_parameters():

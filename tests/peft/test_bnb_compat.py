@@ -188,3 +188,52 @@ def test_4bit_row_slices_dequantize_alone(storage, nested):
 def test_rows_splitting_blocks_have_no_row_reader():
     assert row_dequantizer(linear4bit(d_in=80)) is None
     assert row_dequantizer(linear4bit(d_in=128)) is not None
+
+
+# ---------------------------------------------------------------- bitsandbytes' CPU repacking for inference
+
+
+@pytest.mark.parametrize("adapter", ["allora", "qdora"])
+def test_adapted_4bit_layers_keep_the_training_layout_through_an_eval_pass(adapter):
+    """On a CPU with AVX512-BF16 bitsandbytes would repack an eval-mode Linear4bit's weight in place (a layout
+    that training after the eval pass and dequantizing cannot read). The switch is set here as such a CPU sets it, so
+    the test runs on every machine: the adapted layers turn it off, warn once, and an eval pass then training work."""
+    from peft import LoraConfig, get_peft_model
+    from test_qdora import QuantizedNet
+
+    import hf_ext.peft.bnb_compat as bnb_compat
+    from hf_ext.peft import enable_allora, enable_fast_dora
+
+    net = QuantizedNet("4bit")
+    for layer in (net.up, net.down):
+        layer.support_avx512bf16_for_cpu = True
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["up", "down"], use_dora=adapter == "qdora")
+    enable = enable_fast_dora if adapter == "qdora" else lambda c: enable_allora(c, 2.0)
+    bnb_compat._warned_repacking = False
+    with pytest.warns(UserWarning, match="AVX512-BF16 repacking of 4-bit weights for CPU inference is turned off"):
+        model = get_peft_model(net, enable(config))
+    assert [layer.support_avx512bf16_for_cpu for layer in (net.up.base_layer, net.down.base_layer)] == [False] * 2
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.eval()(x)
+    bases = (net.up.base_layer, net.down.base_layer)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in bases)
+    model.train()(x).square().mean().backward()
+
+
+def test_a_weight_repacked_already_is_converted_back():
+    """A weight repacked before the adapter arrived (bitsandbytes' own converter, pure torch, so on any CPU) is
+    converted back: the dequantized weight is the original one but for the bf16 rounding of the block statistics."""
+    import bitsandbytes.functional as bnbF
+
+    from hf_ext.peft.bnb_compat import keep_training_layout
+
+    layer = linear4bit(d_in=128, d_out=64, nested=True)
+    before = dequantize(layer)
+    layer.weight.data, layer.weight.quant_state = bnbF._convert_weight_packed_for_cpu(
+        layer.weight.data, layer.weight.quant_state
+    )
+    assert not torch.allclose(dequantize(layer).float(), before, rtol=1e-2)  # the repacked layout reads wrong
+    keep_training_layout(layer)
+    assert not layer.weight.quant_state.packing_format_for_cpu
+    torch.testing.assert_close(dequantize(layer).float(), before, rtol=2**-8, atol=0)
