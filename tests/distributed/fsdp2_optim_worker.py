@@ -140,8 +140,11 @@ def _load(model, opt, path: str, optimizer: bool = True) -> None:
 
 
 def run_train(rank: int, world: int, torchao: bool) -> dict:
-    """Per-layer fully_shard MLP vs a plain copy on the whole batch: distances and per-rank state bytes. torchao's
-    AdamW4bit (compiled: minutes on CPU, so not in the suite) joins with ``--torchao``."""
+    """Per-layer fully_shard MLP vs a plain copy on the whole batch: distances and per-rank state bytes. With
+    ``--torchao``, torchao's AdamW4bit instead (a comparison for the record, not in the suite). Launch it with
+    ``TORCHDYNAMO_DISABLE=1``: its compiled step fails on DTensor states on CPU (torch 2.13, torchao 0.18:
+    ``aten.view.dtype`` not implemented by its 4-bit state subclass), its eager one runs, on fp32 parameters only
+    (with bf16 ones its ``lerp`` meets fp32 states and fails)."""
     makers = {
         "AdamW4bit": lambda ps: AdamW4bit(ps, lr=1e-2),
         "AdamW4bitFactor": lambda ps: AdamW4bitFactor(ps, lr=1e-2),
