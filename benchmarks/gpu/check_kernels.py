@@ -136,6 +136,19 @@ def check_adamw4bit(device, dtype, shape, rank1, label):
     record("adamw4bit param kernel vs twin (max dp / lr)", label, worst, 0.0 if device == "cpu" else 1e-2)
 
 
+def check_rank1_statistics(device, dtype, shape, label):
+    """The rank-1 step's first pass (new v's row/column maxima, atomic max per tile) against its torch twin: equal
+    on CPU; on a GPU the new v may round differently where a multiply-add contracts to an FMA."""
+    _, _, v_codes, v_scales = adam_state(shape, True, 128, device)
+    grad = (torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(5)) * 0.1).to(device, dtype)
+    grad = grad.reshape(v_scales[0].numel(), -1)
+    scalars = fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 1e-2, 2)
+    want = fused.rank1_next_statistics(grad, v_codes, v_scales, scalars)
+    got = fused.rank1_next_statistics_triton(grad, v_codes, v_scales, scalars)
+    error = max(relative(a, b) for a, b in zip(got, want, strict=True))
+    record("adamw4bit rank-1 statistics pass vs twin (max rel)", label, error, 0.0 if device == "cpu" else 1e-6)
+
+
 def check_nonfinite_gradient(device):
     from hf_ext.optim import AdamW4bit
 
@@ -181,7 +194,10 @@ def main() -> int:
         check_compose(device, dtype, (4, 6, 9), f"{name} 4x6x9 non-contiguous", transposed=True)
         for shape, rank1 in adam_shapes:
             if dtype is not torch.float16:
-                check_adamw4bit(device, dtype, shape, rank1, f"{name} {'x'.join(map(str, shape))} rank1={rank1}")
+                label = f"{name} {'x'.join(map(str, shape))} rank1={rank1}"
+                check_adamw4bit(device, dtype, shape, rank1, label)
+                if rank1:
+                    check_rank1_statistics(device, dtype, shape, label)
     check_nonfinite_gradient(device)
     print("| check | case | error | bound | ok |\n|---|---|---:|---:|---|")
     for check, case, error, bound, ok in rows:

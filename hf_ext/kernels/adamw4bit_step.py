@@ -18,8 +18,10 @@ are these element-wise ops; the optimizer's fp32-state and factored paths call t
   ``hf_ext.kernels.quant4`` (the same blocks, scales and nearest-code rule the kernel applies);
 - ``adamw4bit_step_triton``: a Triton kernel, one program per ``BLOCKS_PER_PROGRAM`` quantization blocks, that
   dequantizes, updates, writes the parameter and requantizes in one pass. Block-wise v is done fully in the kernel;
-  rank-1 v (2-D after squeezing) needs the new v's row/column maxima before any code can be chosen, so they are
-  precomputed (``rank1_next_statistics``, torch) and passed in.
+  rank-1 v (2-D after squeezing) needs the new v's row/column maxima before any code can be chosen, so a first
+  Triton pass (``rank1_next_statistics_triton``; its twin ``rank1_next_statistics``) reads g and the old v codes,
+  forms the new v in registers and writes only those maxima: exact statistics of this step's v, as the paper's
+  rank-1 normalisation defines them, for one extra read of g and the v codes.
 
 Dispatch (``adamw4bit_step``): Triton for contiguous CUDA tensors when triton imports, the twin elsewhere (rank-1
 v with more than two non-singleton dimensions always runs the twin); ``HF_EXT_DISABLE_TRITON=1`` forces the twin.
@@ -28,6 +30,7 @@ last-ulp ties; a run (and its resume) keeps one path per device. To run the kern
 TRITON_INTERPRET=1 before triton is first imported (triton's own library functions are decorated at import).
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -38,6 +41,7 @@ from hf_ext.kernels.dispatch import tl, triton, use_triton  # noqa: F401 (tl: us
 
 
 BLOCKS_PER_PROGRAM = 4
+STATS_TILE = (16, 128)  # (rows, columns) of v each program of the rank-1 statistics pass reduces
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,29 @@ def rank1_next_statistics(grad, v_codes, v_scales: list[torch.Tensor], scalars: 
     return quant4.rank1_statistics(next_v(old, grad.float().reshape(shape), scalars))
 
 
+def rank1_next_statistics_triton(grad, v_codes, v_scales: list[torch.Tensor], scalars: StepScalars):
+    """``rank1_next_statistics`` for 2-D rank-1 v in one Triton pass: tiles of ``STATS_TILE`` elements reduce the new
+    v's maxima in registers and merge them with atomic maxima (v >= 0, so a zeroed vector is the identity).
+
+    Args:
+        grad: the contiguous gradient, N = R C elements; v_codes: uint8 (ceil(N / 2),) packed old v codes;
+        v_scales: the old (R,) row and (C,) column statistics, fp32; scalars: the step's scalars.
+
+    Returns:
+        The new fp32 (R,) and (C,) statistics, bit for bit those of ``rank1_next_statistics`` (max is exact).
+    """
+    old_row, old_col = v_scales
+    new_row, new_col = torch.zeros_like(old_row), torch.zeros_like(old_col)
+    rows, cols = old_row.numel(), old_col.numel()
+    tile_rows, tile_cols = STATS_TILE
+    grid = (math.ceil(rows / tile_rows), math.ceil(cols / tile_cols))
+    _rank1_stats_kernel[grid](
+        grad, v_codes, old_row, old_col, new_row, new_col, quant4.linear_map(grad.device), rows, cols,
+        scalars.beta2, scalars.one_minus_beta2, BLOCK_R=tile_rows, BLOCK_C=tile_cols,
+    )  # fmt: skip
+    return [new_row, new_col]
+
+
 def adamw4bit_step_torch(
     param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1, reduce_stats=None
 ) -> None:
@@ -213,6 +240,13 @@ def adamw4bit_step_torch(
         scale.copy_(new)
 
 
+@functools.cache
+def _midpoints(codebook: str, device: torch.device) -> torch.Tensor:
+    """The decision thresholds of the ``"de"`` or ``"linear"`` codebook on ``device`` (cached: do not modify)."""
+    book = quant4.dynamic_exponent_map(device) if codebook == "de" else quant4.linear_map(device)
+    return quant4.code_midpoints(book).contiguous()
+
+
 def adamw4bit_step_triton(
     param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1, reduce_stats=None
 ) -> None:
@@ -229,7 +263,7 @@ def adamw4bit_step_triton(
     de, lin = quant4.dynamic_exponent_map(device), quant4.linear_map(device)
     if v_rank1:
         old_row, old_col = v_scales
-        new_row, new_col = rank1_next_statistics(grad, v_codes, v_scales, scalars)
+        new_row, new_col = rank1_next_statistics_triton(grad, v_codes, v_scales, scalars)
         if reduce_stats is not None:
             reduce_stats([new_row, new_col])
         n_cols = old_col.numel()
@@ -240,7 +274,7 @@ def adamw4bit_step_triton(
     grid = (math.ceil(blocks / BLOCKS_PER_PROGRAM),)
     _adamw4bit_kernel[grid](
         param, grad, m_codes, m_absmax, v_codes, v_scales[0], old_row, old_col, new_row, new_col,
-        de, quant4.code_midpoints(de).contiguous(), lin, quant4.code_midpoints(lin).contiguous(),
+        de, _midpoints("de", device), lin, _midpoints("linear", device),
         numel, blocks, n_cols,
         scalars.decay, scalars.one_minus_beta1, scalars.beta2, scalars.one_minus_beta2,
         scalars.bias_correction2_sqrt, scalars.neg_step_size, scalars.eps,
@@ -320,3 +354,27 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         tl.store(m_codes_ptr + byte, (m_lo | (m_hi << 4)).to(tl.uint8), mask=byte_ok)
         tl.store(v_codes_ptr + byte, (v_lo | (v_hi << 4)).to(tl.uint8), mask=byte_ok)
         tl.store(m_absmax_ptr + blocks, m_scale, mask=block_ok)
+
+    @triton.jit
+    def _rank1_stats_kernel(
+        g_ptr, v_codes_ptr, old_row_ptr, old_col_ptr, new_row_ptr, new_col_ptr, lin_ptr,
+        n_rows, n_cols, beta2, one_minus_beta2,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        row_ok, col_ok = rows < n_rows, cols < n_cols
+        valid = row_ok[:, None] & col_ok[None, :]
+        elem = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+        packed = tl.load(v_codes_ptr + elem // 2, mask=valid, other=0).to(tl.int32)
+        q = (packed >> ((elem % 2) * 4).to(tl.int32)) & 15  # element 2j in the low nibble of byte j
+        old_scale = tl.minimum(
+            tl.load(old_row_ptr + rows, mask=row_ok, other=0.0)[:, None],
+            tl.load(old_col_ptr + cols, mask=col_ok, other=0.0)[None, :],
+        )
+        g = tl.load(g_ptr + elem, mask=valid, other=0.0).to(tl.float32)
+        v = tl.load(lin_ptr + q) * old_scale
+        v = v * beta2 + (one_minus_beta2 * g) * g
+        v = tl.where(valid, v, 0.0)
+        tl.atomic_max(new_row_ptr + rows, tl.max(v, axis=1), mask=row_ok)
+        tl.atomic_max(new_col_ptr + cols, tl.max(v, axis=0), mask=col_ok)

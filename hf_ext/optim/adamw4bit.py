@@ -178,6 +178,14 @@ def choose_layout(param: torch.Tensor, group: dict) -> tuple[str, str]:
     return "q4", "rank1" if quant4.uses_rank1(param.shape) else "block"
 
 
+def _all_finite(grad: torch.Tensor) -> torch.Tensor:
+    """Whether every entry of ``grad`` is finite, as a 0-d bool tensor, from one reading pass: its largest magnitude
+    (a reduction that propagates NaN) is finite. An empty gradient (an empty shard) is finite."""
+    if grad.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=grad.device)
+    return torch.linalg.vector_norm(grad, float("inf")).isfinite()
+
+
 def state_nbytes(optimizer: Optimizer) -> int:
     """Bytes held in the tensors of any optimizer's ``state`` (for AdamW4bit: codes, scales, fp32 states, steps).
 
@@ -435,7 +443,7 @@ class AdamW4bit(Optimizer):
 
     def _finite_grads(self, params: list[torch.Tensor], splits: list) -> list[bool]:
         """One device sync for all gradients (per device); DTensor flags agreed across their shard group."""
-        flags = sharded.all_finite(splits, [torch.isfinite(sharded.local(p.grad)).all() for p in params])
+        flags = sharded.all_finite(splits, [_all_finite(sharded.local(p.grad)) for p in params])
         if len({f.device for f in flags}) == 1:
             return torch.stack(flags).tolist() if flags else []
         return [bool(f) for f in flags]

@@ -55,6 +55,23 @@ def test_interpreted_kernel_matches_torch_twin(shape, rank1, dtype):
 
 
 @interpreted
+@pytest.mark.parametrize("shape", [(5, 123), (17, 129), (33, 300), (2, 1000)])  # tiles cut in both directions
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpreted_rank1_statistics_pass_equals_its_twin(shape, dtype):
+    """The first pass of a rank-1 step: the new v's row and column maxima from g and the old codes, bit for bit the
+    twin's (max is exact); a zero row of v and g stays 0."""
+    _, _, v_codes, v_scales = random_state(shape, True, 128, seed=2)
+    grad = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 0.1).to(dtype)
+    grad[1] = 0.0
+    v_scales[0][1] = 0.0
+    scalars = fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 1e-2, 4)
+    want = fused.rank1_next_statistics(grad, v_codes, v_scales, scalars)
+    got = fused.rank1_next_statistics_triton(grad, v_codes, v_scales, scalars)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert got[0][1] == 0 and (got[0] > 0).sum() == shape[0] - 1
+
+
+@interpreted
 def test_interpreted_optimizer_through_the_kernel_equals_the_twin(monkeypatch):
     """The optimizer's dispatch: force the Triton branch on CPU tensors and compare whole runs."""
     shapes = [(40, 130), (5000,), (2, 30, 90)]
