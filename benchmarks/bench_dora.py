@@ -12,8 +12,9 @@ weights copied into both models:
    measurement in a fresh subprocess with 2 threads;
 3. max relative error of the fast layer's output against PEFT's (sanity check);
 4. a small model step (``--step_ranks``): a Qwen2 (hidden 1024, 2 layers) with DoRA on all seven linears, one
-   training step (forward, loss, backward, AdamW) on 4 x 128 tokens: median time, fast and PEFT interleaved, and
-   the step's peak memory above the allocation before it (CUDA) or its peak-RSS growth in a fresh process (CPU).
+   training step (forward, loss, backward, AdamW) on 4 x 128 tokens: median time, fast DoRA, PEFT's DoRA and plain
+   LoRA interleaved (LoRA is the floor: DoRA adds row work to it), and the step's peak memory above the allocation
+   before it (CUDA) or its peak-RSS growth in a fresh process (CPU), for the two DoRAs.
 
     python benchmarks/bench_dora.py                                  # CPU, d in (1024, 4096), r in (16, 64, 384)
     python benchmarks/bench_dora.py --device cuda --dims 1024 4096 8192 --repeats 20
@@ -21,6 +22,7 @@ weights copied into both models:
 """
 
 import argparse
+import datetime
 import functools
 import json
 import os
@@ -74,8 +76,9 @@ def build_pair(d: int, r: int, dtype: torch.dtype, device: str):
     return models
 
 
-def build_small_model(fast: bool, r: int, dtype: torch.dtype, device: str):
-    """A small Qwen2 (hidden 1024, 2 layers) with DoRA on all seven linear projections, and AdamW on the adapter."""
+def build_small_model(method: str, r: int, dtype: torch.dtype, device: str):
+    """A small Qwen2 (hidden 1024, 2 layers) with an adapter on all seven linear projections, and AdamW on the
+    adapter: ``method`` "fast" (fast DoRA), "peft" (PEFT's DoRA) or "lora" (plain LoRA, the floor DoRA adds to)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -90,9 +93,9 @@ def build_small_model(fast: bool, r: int, dtype: torch.dtype, device: str):
     )
     model = Qwen2ForCausalLM(config).to(dtype)
     lora = LoraConfig(
-        r=r, lora_alpha=2 * r, use_dora=True, target_modules=SMALL_MODEL_TARGETS, init_lora_weights=False
+        r=r, lora_alpha=2 * r, use_dora=method != "lora", target_modules=SMALL_MODEL_TARGETS, init_lora_weights=False
     )
-    model = get_peft_model(model, enable_fast_dora(lora) if fast else lora).to(device)
+    model = get_peft_model(model, enable_fast_dora(lora) if method == "fast" else lora).to(device)
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
 
@@ -106,16 +109,12 @@ def step_batch(device: str) -> torch.Tensor:
     return torch.randint(0, 4096, STEP_BATCH, generator=torch.Generator().manual_seed(2)).to(device)
 
 
-def time_model_step(r: int, dtype: torch.dtype, device: str, repeats: int) -> tuple[float, float]:
-    (fast, fast_opt), (ref, ref_opt) = (build_small_model(f, r, dtype, device) for f in (True, False))
+def time_model_step(r: int, dtype: torch.dtype, device: str, repeats: int) -> dict:
+    """Median step ms of the small model for each method ("fast", "peft", "lora"), interleaved."""
+    built = {method: build_small_model(method, r, dtype, device) for method in ("fast", "peft", "lora")}
     batch = step_batch(device)
-    times = interleaved_medians_ms(
-        {"fast": lambda: train_step(fast, fast_opt, batch), "peft": lambda: train_step(ref, ref_opt, batch)},
-        device,
-        repeats,
-        warmup=2,
-    )
-    return times["fast"], times["peft"]
+    steps = {method: functools.partial(train_step, *built[method], batch) for method in built}
+    return interleaved_medians_ms(steps, device, repeats, warmup=2)
 
 
 def fwd_bwd(model, x, grad) -> torch.Tensor:
@@ -167,7 +166,7 @@ def workload(kind: str, method: str, device: str, *args):
         fast, ref = build_pair(int(d), int(r), DTYPES[dtype_name], device)
         return norm_fn(method, (fast if method == "fast" else ref).base_model.model.proj)  # holds only what it reads
     r, dtype_name = args
-    model, optimizer = build_small_model(method == "fast", int(r), DTYPES[dtype_name], device)
+    model, optimizer = build_small_model(method, int(r), DTYPES[dtype_name], device)
     return functools.partial(train_step, model, optimizer, step_batch(device))
 
 
@@ -217,7 +216,10 @@ def main() -> None:
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     command = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
-    print(f"device: {device_name}; torch {torch.__version__}; peft {peft.__version__}; tokens {TOKENS}; `{command}`")
+    print(
+        f"device: {device_name}; torch {torch.__version__}; peft {peft.__version__}; tokens {TOKENS}; `{command}`; "
+        f"{datetime.date.today().isoformat()}"
+    )
     print()
     print(
         "| d | r | dtype | fast fwd+bwd ms | PEFT fwd+bwd ms | PEFT/fast | fast norm transient MiB "
@@ -240,19 +242,21 @@ def main() -> None:
     if not args.step_ranks:
         return
     print()
-    print(f"Small model step (Qwen2, hidden 1024, 2 layers, DoRA on all linears, batch {STEP_BATCH}, AdamW):")
+    print(f"Small model step (Qwen2, hidden 1024, 2 layers, adapters on all linears, batch {STEP_BATCH}, AdamW):")
     print()
     print(
-        "| r | dtype | fast step ms | PEFT step ms | PEFT/fast | fast step peak MiB | PEFT step peak MiB | fast/PEFT |"
+        "| r | dtype | fast DoRA step ms | PEFT DoRA step ms | LoRA step ms | fast/LoRA | PEFT/LoRA | PEFT/fast "
+        "| fast step peak MiB | PEFT step peak MiB | fast/PEFT |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in args.step_ranks:
         for dtype_name in args.dtypes:
-            t_fast, t_peft = time_model_step(r, DTYPES[dtype_name], args.device, args.repeats)
+            t = time_model_step(r, DTYPES[dtype_name], args.device, args.repeats)
             m_fast, m_peft = (transient_bytes("step", m, args.device, r, dtype_name) for m in ("fast", "peft"))
             print(
-                f"| {r} | {dtype_name} | {t_fast:.1f} | {t_peft:.1f} | {t_peft / t_fast:.2f}x | {mib(m_fast)} "
-                f"| {mib(m_peft)} | {100 * m_fast / max(m_peft, 1):.0f}% |",
+                f"| {r} | {dtype_name} | {t['fast']:.1f} | {t['peft']:.1f} | {t['lora']:.1f} "
+                f"| {t['fast'] / t['lora']:.2f}x | {t['peft'] / t['lora']:.2f}x | {t['peft'] / t['fast']:.2f}x "
+                f"| {mib(m_fast)} | {mib(m_peft)} | {100 * m_fast / max(m_peft, 1):.0f}% |",
                 flush=True,
             )
 

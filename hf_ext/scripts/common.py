@@ -264,7 +264,7 @@ def train(trainer_cls, script_args, training_args, model_args, dataset_args, bui
     from hf_ext.hub.recipe import training_recipe
     from hf_ext.scripts.lifetime import exit_with_launcher
     from hf_ext.scripts.overwrite import refuse_overwrite
-    from hf_ext.scripts.quiet import muted_library_deprecations
+    from hf_ext.scripts.quiet import muted_library_notices
     from hf_ext.scripts.run_log import print_step_rows, summary_line
 
     exit_with_launcher()
@@ -273,7 +273,7 @@ def train(trainer_cls, script_args, training_args, model_args, dataset_args, bui
     model = model_and_init_kwargs(model_args, training_args)
     train_dataset, eval_dataset = load_datasets(script_args, dataset_args, training_args.seed, build_embedded)
     check_datasets(train_dataset, eval_dataset, training_args)
-    with muted_library_deprecations():
+    with muted_library_notices():
         trainer = trainer_cls(
             model=model,
             args=training_args,

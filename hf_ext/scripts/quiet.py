@@ -5,8 +5,10 @@ run; errors, and every other warning and log record, show as usual.
   which they are whether or not a run uses them (bitsandbytes' missing ``kernels`` package for its CPU 4-bit
   kernels; torchao's optional C extensions failing to load, and torch's deprecation of how torchao registers its
   enums).
-- ``muted_library_deprecations``, around building and training a trainer: Transformers' FutureWarning each time TRL
-  or PEFT reads the deprecated ``is_gradient_checkpointing`` (hf_ext does not read it).
+- ``muted_library_notices``, around building and training a trainer: Transformers' FutureWarning each time TRL or
+  PEFT reads the deprecated ``is_gradient_checkpointing`` (hf_ext does not read it), and, where DeepSpeed is
+  installed, its notice that it found no GPU and uses its CPU accelerator (logged to stdout at its first import,
+  which accelerate makes while the trainer is built, DeepSpeed run or not).
 
 This module imports nothing heavy, so that the scripts can enter ``muted_import_notices`` before their imports.
 """
@@ -34,10 +36,28 @@ def muted_import_notices():
             logger.setLevel(level)
 
 
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 @contextmanager
-def muted_library_deprecations():
-    """Ignores the ``is_gradient_checkpointing`` FutureWarning while the block runs; the warning filters are
-    restored after."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
+def muted_library_notices():
+    """Ignores the ``is_gradient_checkpointing`` FutureWarning and drops DeepSpeed's CPU-accelerator notice while the
+    block runs (a filter on the ``DeepSpeed`` logger, which DeepSpeed's import reconfigures but keeps); the warning
+    filters and the logger are restored after."""
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    no_gpu_notice = _DropPrefix("Setting accelerator to CPU.")
+    deepspeed_logger.addFilter(no_gpu_notice)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            yield
+    finally:
+        deepspeed_logger.removeFilter(no_gpu_notice)
