@@ -30,6 +30,7 @@ storage layout. Per upstream symbol (each guarded by ``tests/peft/test_bnb_compa
   ``_convert_weight_packed_for_cpu_inverse`` in ``bitsandbytes.functional`` convert between the two layouts.
 """
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -41,7 +42,6 @@ from torch import nn
 
 
 QuantizedKind = Literal["4bit", "8bit"]
-_warned_repacking = False
 
 
 def quantized_kind(layer: nn.Module) -> QuantizedKind | None:
@@ -170,21 +170,23 @@ def keep_training_layout(layer: nn.Module) -> None:
     Args:
         layer: any module; only a bitsandbytes ``Linear4bit`` changes.
     """
-    global _warned_repacking
     if not isinstance(layer, bnb.nn.Linear4bit):
         return
     if getattr(layer, "support_avx512bf16_for_cpu", False):
         layer.support_avx512bf16_for_cpu = False
-        if not _warned_repacking:
-            _warned_repacking = True
-            warnings.warn(
-                "bitsandbytes' AVX512-BF16 repacking of 4-bit weights for CPU inference is turned off on the "
-                "Linear4bit layers that hf_ext adapters wrap: training after an eval pass, merging and QDoRA need the "
-                "training layout. Their eval forward on CPU dequantizes and multiplies instead.",
-                stacklevel=2,
-            )
+        _warn_repacking_off()
     state = getattr(layer.weight, "quant_state", None)
     if getattr(state, "packing_format_for_cpu", False):
         layer.weight.data, layer.weight.quant_state = bnbF._convert_weight_packed_for_cpu_inverse(
             layer.weight.data, state
         )
+
+
+@functools.cache
+def _warn_repacking_off() -> None:
+    warnings.warn(
+        "bitsandbytes' AVX512-BF16 repacking of 4-bit weights for CPU inference is turned off on the Linear4bit "
+        "layers that hf_ext adapters wrap: training after an eval pass, merging and QDoRA need the training layout. "
+        "Their eval forward on CPU dequantizes and multiplies instead.",
+        stacklevel=3,
+    )

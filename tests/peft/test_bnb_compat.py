@@ -209,7 +209,7 @@ def test_adapted_4bit_layers_keep_the_training_layout_through_an_eval_pass(adapt
         layer.support_avx512bf16_for_cpu = True
     config = LoraConfig(r=4, lora_alpha=4, target_modules=["up", "down"], use_dora=adapter == "qdora")
     enable = enable_fast_dora if adapter == "qdora" else lambda c: enable_allora(c, 2.0)
-    bnb_compat._warned_repacking = False
+    bnb_compat._warn_repacking_off.cache_clear()
     with pytest.warns(UserWarning, match="AVX512-BF16 repacking of 4-bit weights for CPU inference is turned off"):
         model = get_peft_model(net, enable(config))
     assert [layer.support_avx512bf16_for_cpu for layer in (net.up.base_layer, net.down.base_layer)] == [False] * 2
