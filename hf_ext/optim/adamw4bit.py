@@ -458,10 +458,9 @@ class AdamW4bit(Optimizer):
             "nonfinite_grads='skip' to skip such parameters' updates (their state stays untouched)."
         )
 
-    def _init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
+    def _init_state(self, p: torch.Tensor, group: dict, state: dict, shards) -> None:
         m_layout, v_layout = choose_layout(p, group)
         spec = state_spec(p, m_layout, v_layout, group["block_size"])
-        shards = sharded.shards_of(p, type(self).__name__)
         rows = row_keys(tuple(p.shape), spec) if shards else set()
         if shards and not rows and m_layout == "q4":
             self._warn_replicated(p, group)
@@ -488,7 +487,7 @@ class AdamW4bit(Optimizer):
         """Step ``p`` and its state; ``shards``: ``sharded.shards_of(p)``."""
         state = self.state[p]
         if not state:
-            self._init_state(p, group, state)
+            self._init_state(p, group, state, shards)
         state["step"] += 1
         beta1, beta2 = group["betas"]
         scalars = fused.StepScalars.from_group(

@@ -114,8 +114,8 @@ def all_finite(splits: list[Shards | None], flags: list[torch.Tensor]) -> list[t
     its shard group (one collective per group), so all ranks skip or raise together.
 
     Args:
-        splits: each parameter's ``shards_of`` (None for a plain tensor); flags: bool 0-d tensors, this rank's
-            ``isfinite(local grad).all()`` for each.
+        splits: each parameter's ``shards_of`` (None for a plain tensor); flags: bool 0-d tensors, whether this
+            rank's local gradient is finite, for each.
 
     Returns:
         The flags, those of DTensor parameters replaced by the group's.
