@@ -1,6 +1,7 @@
 """A wheel built from the repository and installed outside it has everything the `hf-ext` command needs: the
 training recipes by name (`--config grpo_ba`, shipped as `hf_ext.recipes`) and `hf-ext compare-losses`, which finds
-them through the package. The installed copy runs, not the editable checkout."""
+them through the package, and the C kernels' sources, which it builds. The installed copy runs, not the editable
+checkout."""
 
 import csv
 import os
@@ -39,6 +40,10 @@ def test_installed_wheel_trains_from_packaged_recipes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(target)}
     imported = run(sys.executable, "-c", "import hf_ext; print(hf_ext.__file__)", cwd=outside, env=env)
     assert Path(imported.stdout.strip()).is_relative_to(target)
+    build = (
+        "from hf_ext.kernels import cpu_library as c; assert c.load('adamw4bit_step'), c.load_error('adamw4bit_step')"
+    )
+    run(sys.executable, "-c", build, cwd=outside, env={**env, "HF_EXT_CACHE": str(tmp_path / "cache")})  # C shipped
 
     hf_ext = str(target / "bin" / "hf-ext")
     trained = tmp_path / "grpo"

@@ -30,18 +30,21 @@ last-ulp ties; a run (and its resume) keeps one path per device. To run the kern
 TRITON_INTERPRET=1 before triton is first imported (triton's own library functions are decorated at import).
 """
 
+import ctypes
 import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from hf_ext.kernels import quant4
-from hf_ext.kernels.dispatch import tl, triton, use_triton  # noqa: F401 (tl: used by the kernel when triton imports)
+from hf_ext.kernels import cpu_library, quant4
+from hf_ext.kernels.dispatch import cpu_kernel, tl, triton, use_triton  # noqa: F401 (tl: used by the kernel when triton imports)
 
 
 BLOCKS_PER_PROGRAM = 4
 STATS_TILE = (16, 128)  # (rows, columns) of v each program of the rank-1 statistics pass reduces
+CPU_CHUNK_ELEMENTS = 1 << 16  # the fewest elements one thread of the C kernel takes
+V_BLOCK, V_RANK1, V_GIVEN = 0, 1, 2  # the C kernel's v modes
 
 
 @dataclass(frozen=True)
@@ -103,11 +106,34 @@ def adamw4bit_step(
         None. Runs the Triton kernel where ``hf_ext.kernels.dispatch.use_triton`` allows it (contiguous ``param``,
         rank-1 v of at most two non-singleton dimensions), the torch twin otherwise.
     """
-    if use_triton(param, "adamw4bit_step") and param.is_contiguous() and (not v_rank1 or len(v_scales) == 2):
+    fits = param.is_contiguous() and (not v_rank1 or len(v_scales) == 2)
+    if fits and use_triton(param, "adamw4bit_step"):
         step = adamw4bit_step_triton
+    elif fits and _cpu_kernel(param, grad) is not None:
+        step = adamw4bit_step_cpu
     else:
         step = adamw4bit_step_torch
     step(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1, reduce_stats)
+
+
+def adamw4bit_step_given_v(param, grad, m_codes, m_absmax, v, scalars: StepScalars, block_size: int) -> None:
+    """One AdamW step with 4-bit block-wise m and a second moment ``v`` computed by the caller (``AdamW4bitFactor``'s
+    factored v), in place: ``step_quantized_m`` then ``stepped_param``, fused in the C kernel on the CPU.
+
+    Args:
+        param: the parameter, N elements, fp32, bf16 or fp16; overwritten with the stepped value in its dtype.
+        grad: its gradient, the shape of ``param`` (any float dtype, upcast to fp32).
+        m_codes: uint8 (ceil(N / 2),) packed DE-map codes of m; m_absmax: fp32 (ceil(N / block_size),); rewritten.
+        v: fp32, N elements: this step's second moment (not quantized, not written).
+        scalars: the step's hyper-parameters; block_size: elements per m block, even.
+    """
+    if param.is_contiguous() and _cpu_kernel(param, grad) is not None:
+        _run_cpu_blocks(
+            param, grad.contiguous(), m_codes, m_absmax, block_size, V_GIVEN, scalars, v_given=v.contiguous()
+        )
+        return
+    m = step_quantized_m(m_codes, m_absmax, grad.float(), scalars, block_size)
+    param.copy_(stepped_param(param.float(), m.view_as(param), v.view_as(param), scalars))
 
 
 def next_m(m: torch.Tensor, grad: torch.Tensor, s: StepScalars) -> torch.Tensor:
@@ -238,6 +264,108 @@ def adamw4bit_step_torch(
     v_codes.copy_(codes)
     for scale, new in zip(v_scales, new_scales, strict=True):
         scale.copy_(new)
+
+
+def adamw4bit_step_cpu(
+    param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1, reduce_stats=None
+) -> None:
+    """The C kernel (``adamw4bit_step.c``) on CPU tensors, one call per range of blocks on
+    ``torch.get_num_threads()`` threads; same contract and bit for bit the same results as the twin."""
+    if v_rank1 and len(v_scales) != 2:
+        raise ValueError(f"the C kernel handles rank-1 v of 2 dimensions, got {len(v_scales)}; use the torch twin")
+    if _cpu_kernel(param, grad) is None or not param.is_contiguous():
+        raise ValueError("adamw4bit_step_cpu needs a built C kernel and a contiguous CPU param (adamw4bit_step)")
+    grad = grad.contiguous()
+    if not v_rank1:
+        _run_cpu_blocks(param, grad, m_codes, m_absmax, block_size, V_BLOCK, scalars, v_codes, v_scales[0])
+        return
+    old_row, old_col = v_scales
+    new_row, new_col = rank1_next_statistics_cpu(grad, v_codes, v_scales, scalars)
+    if reduce_stats is not None:
+        reduce_stats([new_row, new_col])
+    _run_cpu_blocks(
+        param, grad, m_codes, m_absmax, block_size, V_RANK1, scalars, v_codes, None, old_row, old_col, new_row, new_col
+    )
+    old_row.copy_(new_row)
+    old_col.copy_(new_col)
+
+
+def rank1_next_statistics_cpu(grad, v_codes, v_scales: list[torch.Tensor], scalars: StepScalars):
+    """``rank1_next_statistics`` for 2-D rank-1 v in the C kernel: ranges of rows on threads, each with its own
+    column maxima, merged by a max (exact). Same arguments and bit for bit the same results."""
+    library = _cpu_kernel(grad, grad)
+    old_row, old_col = v_scales
+    rows, cols = old_row.numel(), old_col.numel()
+    ranges = cpu_library.chunks(rows, max(1, CPU_CHUNK_ELEMENTS // max(cols, 1)))
+    new_row, col_maxima = torch.empty_like(old_row), torch.zeros(len(ranges), cols)
+    scalar_array = _scalar_array(scalars)
+
+    def call(index: int, begin: int, end: int) -> None:
+        library.adamw4bit_rank1_stats(
+            _ptr(grad), cpu_library.DTYPE_CODES[grad.dtype], _ptr(v_codes), _ptr(old_row), _ptr(old_col),
+            _ptr(quant4.linear_map("cpu")), begin, end, cols, _ptr(new_row), _ptr(col_maxima[index]),
+            _ptr(scalar_array),
+        )  # fmt: skip
+
+    cpu_library.run_chunks(call, ranges)
+    return [new_row, col_maxima.amax(dim=0)]
+
+
+def _run_cpu_blocks(
+    param, grad, m_codes, m_absmax, block_size, v_mode, scalars, v_codes=None, v_absmax=None,
+    old_row=None, old_col=None, new_row=None, new_col=None, v_given=None,
+) -> None:  # fmt: skip
+    """``adamw4bit_blocks`` of the C kernel over all blocks of ``param``, in ranges on threads."""
+    library, numel = _cpu_kernel(param, grad), param.numel()
+    n_cols = old_col.numel() if old_col is not None else 1
+    scalar_array = _scalar_array(scalars)
+
+    def call(_: int, begin: int, end: int) -> None:
+        library.adamw4bit_blocks(
+            _ptr(param), cpu_library.DTYPE_CODES[param.dtype], _ptr(grad), cpu_library.DTYPE_CODES[grad.dtype],
+            _ptr(m_codes), _ptr(m_absmax), _ptr(v_codes), _ptr(v_absmax), _ptr(old_row), _ptr(old_col),
+            _ptr(new_row), _ptr(new_col), _ptr(v_given), _ptr(quant4.dynamic_exponent_map("cpu")),
+            _ptr(_midpoints("de", param.device)), _ptr(quant4.linear_map("cpu")),
+            _ptr(_midpoints("linear", param.device)), numel, begin, end, block_size, n_cols, v_mode,
+            _ptr(scalar_array),
+        )  # fmt: skip
+
+    blocks = quant4.num_blocks(numel, block_size)
+    cpu_library.run_chunks(call, cpu_library.chunks(blocks, max(1, CPU_CHUNK_ELEMENTS // block_size)))
+
+
+def _cpu_kernel(param: torch.Tensor, grad: torch.Tensor):
+    """The C library when it runs on these tensors (CPU, dtypes it reads), else None."""
+    if param.dtype not in cpu_library.DTYPE_CODES or grad.dtype not in cpu_library.DTYPE_CODES:
+        return None
+    library = cpu_kernel(param, "adamw4bit_step")
+    if library is not None and not getattr(library, "_hf_ext_typed", False):
+        _declare_types(library)
+    return library
+
+
+def _declare_types(library) -> None:
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    library.adamw4bit_blocks.argtypes = [ptr, i32, ptr, i32, *[ptr] * 13, i64, i64, i64, i32, i64, i32, ptr]
+    library.adamw4bit_blocks.restype = None
+    library.adamw4bit_rank1_stats.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
+    library.adamw4bit_rank1_stats.restype = None
+    library._hf_ext_typed = True
+
+
+def _ptr(tensor: torch.Tensor | None):
+    """The data pointer of a contiguous CPU tensor, or NULL."""
+    if tensor is None:
+        return None
+    if not tensor.is_contiguous() or tensor.device.type != "cpu":
+        raise ValueError("the C kernel needs contiguous CPU tensors")
+    return tensor.data_ptr()
+
+
+def _scalar_array(s: StepScalars) -> torch.Tensor:
+    """The step's scalars as fp32, in the order the C kernel indexes them (each Python float rounded once)."""
+    values = [s.decay, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.bias_correction2_sqrt, s.neg_step_size, s.eps]
+    return torch.tensor(values, dtype=torch.float32)
 
 
 @functools.cache

@@ -1,13 +1,17 @@
 """The one dispatch rule of hf_ext's kernels: Triton on CUDA tensors when it imports and is not disabled
-(``HF_EXT_DISABLE_TRITON=1``), the kernel's torch twin elsewhere. Triton is optional: without it (or when importing
-it fails) ``triton`` and ``tl`` are None here and every kernel module runs its twin; on CUDA tensors that is said
-once per kernel in a warning, since the twin is the slow path there."""
+(``HF_EXT_DISABLE_TRITON=1``); on CPU tensors, a kernel's C version where it has one and it builds
+(``hf_ext.kernels.cpu_library``; ``HF_EXT_DISABLE_CPU_KERNELS=1`` disables them); the kernel's torch twin elsewhere.
+Triton is optional: without it (or when importing it fails) ``triton`` and ``tl`` are None here and every kernel
+module runs its twin. The twin is the slow path on CUDA and where a C version exists, so falling back to it there is
+said once per kernel in a warning."""
 
 import functools
 import os
 import warnings
 
 import torch
+
+from hf_ext.kernels import cpu_library
 
 
 try:
@@ -40,6 +44,28 @@ def _warn_no_triton(kernel: str) -> None:
         f"hf_ext kernel {kernel!r}: Triton is unavailable ({TRITON_IMPORT_ERROR!r}), so its pure-torch twin runs on "
         "CUDA (correct, slower). Install a Triton that matches torch (`pip install triton`), or set "
         "HF_EXT_DISABLE_TRITON=1 to choose the twin and silence this warning.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def cpu_kernel(tensor: torch.Tensor, kernel: str):
+    """The loaded C library of ``kernel`` (``hf_ext/kernels/<kernel>.c``) when it runs on ``tensor``, else None;
+    warns once per kernel when the library cannot be built, since the twin is the slow path then."""
+    if tensor.device.type != "cpu" or cpu_library.cpu_kernels_disabled():
+        return None
+    library = cpu_library.load(kernel)
+    if library is None:
+        _warn_no_cpu_kernel(kernel)
+    return library
+
+
+@functools.cache
+def _warn_no_cpu_kernel(kernel: str) -> None:
+    warnings.warn(
+        f"hf_ext kernel {kernel!r}: its C version could not be built ({cpu_library.load_error(kernel)}), so its "
+        "pure-torch twin runs on the CPU (correct, slower). Install a C compiler (gcc or clang, or set CC), or set "
+        "HF_EXT_DISABLE_CPU_KERNELS=1 to choose the twin and silence this warning.",
         RuntimeWarning,
         stacklevel=3,
     )

@@ -538,22 +538,21 @@ class AdamW4bit(Optimizer):
         return lambda new: shards.all_max(new[1:] if shards.rows != 1 else new)
 
     def _update_reference(self, p, grad, state, scalars, block_size, m_layout, v_layout, shards) -> None:
-        """fp32 or factored v: the fused step's element-wise ops, on whole tensors."""
+        """fp32 or factored v: the fused step's element-wise ops, on whole tensors (4-bit m with factored v: the fused
+        step given v, ``adamw4bit_step_given_v``)."""
         grad = grad.float()
-        if m_layout == "fp32":
-            exp_avg = fused.next_m(state["exp_avg"], grad, scalars)
-            state["exp_avg"].copy_(exp_avg)
-        elif p.numel() == 0:
-            exp_avg = grad.reshape(-1)
-        else:
-            exp_avg = fused.step_quantized_m(
-                state["exp_avg_codes"].view(-1), state["exp_avg_absmax"].view(-1), grad, scalars, block_size
-            )
         if v_layout == "factored":
             exp_avg_sq = self._factored_second_moment(state, grad, scalars, shards)
         else:
             exp_avg_sq = fused.next_v(state["exp_avg_sq"], grad, scalars)
             state["exp_avg_sq"].copy_(exp_avg_sq)
+        if m_layout == "q4":
+            if p.numel():  # an empty shard took part in the factored sums above
+                codes, absmax = state["exp_avg_codes"].view(-1), state["exp_avg_absmax"].view(-1)
+                fused.adamw4bit_step_given_v(p, grad, codes, absmax, exp_avg_sq, scalars, block_size)
+            return
+        exp_avg = fused.next_m(state["exp_avg"], grad, scalars)
+        state["exp_avg"].copy_(exp_avg)
         p.copy_(fused.stepped_param(p.float(), exp_avg.view_as(p), exp_avg_sq, scalars))
 
     @staticmethod

@@ -73,8 +73,9 @@ def test_interpreted_rank1_statistics_pass_equals_its_twin(shape, dtype):
 
 @interpreted
 def test_interpreted_optimizer_through_the_kernel_equals_the_twin(monkeypatch):
-    """The optimizer's dispatch: force the Triton branch on CPU tensors and compare whole runs."""
+    """The optimizer's dispatch: force the Triton branch on CPU tensors and compare whole runs with the twin's."""
     shapes = [(40, 130), (5000,), (2, 30, 90)]
+    monkeypatch.setenv("HF_EXT_DISABLE_CPU_KERNELS", "1")
     runs = []
     for force in (False, True):
         monkeypatch.setattr(fused, "use_triton", lambda tensor, kernel, force=force: force)

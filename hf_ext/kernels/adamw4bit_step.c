@@ -1,0 +1,178 @@
+/* The 4-bit AdamW step of hf_ext.kernels.adamw4bit_step on the CPU (Li, Chen & Zhu, arXiv 2309.01507).
+
+   The same operations as the torch twin, in the same order, each a separately rounded fp32 operation: the module
+   is built with -ffp-contract=off and without unsafe math, so the compiler may vectorise but not contract a multiply
+   and an add, and every result (parameter, codes, scales) equals the twin's bit for bit. sqrt is taken in fp64 and
+   rounded to fp32, which is the correctly rounded fp32 sqrt (the twin's _sqrt_rn).
+
+   Work is split by the caller into ranges of quantisation blocks (or of rows, for the rank-1 statistics) that
+   threads run concurrently; no function here writes outside its range, except each rank-1 statistics call, which
+   writes its own column-maxima buffer. Tensors are contiguous; the dtype codes are those of DTYPE_CODES in
+   hf_ext/kernels/cpu_library.py. */
+
+#include <stdint.h>
+#include <string.h>
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
+enum { V_BLOCK = 0, V_RANK1 = 1, V_GIVEN = 2 };
+enum { DECAY, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, BIAS_CORRECTION2_SQRT, NEG_STEP_SIZE, EPS };
+enum { SEGMENT = 512 }; /* columns of a row the rank-1 statistics read at a time */
+
+static void load_fp32(const void *src, int dtype, int64_t start, int64_t n, float *dst) {
+    if (dtype == DTYPE_F32) {
+        memcpy(dst, (const float *)src + start, (size_t)n * sizeof(float));
+    } else if (dtype == DTYPE_BF16) {
+        const uint16_t *s = (const uint16_t *)src + start;
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t bits = (uint32_t)s[i] << 16;
+            memcpy(dst + i, &bits, sizeof(bits));
+        }
+    } else {
+        const _Float16 *s = (const _Float16 *)src + start;
+        for (int64_t i = 0; i < n; i++) dst[i] = (float)s[i];
+    }
+}
+
+static void store_param(void *dst, int dtype, int64_t start, int64_t n, const float *src) {
+    if (dtype == DTYPE_F32) {
+        memcpy((float *)dst + start, src, (size_t)n * sizeof(float));
+    } else if (dtype == DTYPE_BF16) { /* round to nearest even, NaN to 0x7FC0: torch's fp32 -> bf16 */
+        uint16_t *d = (uint16_t *)dst + start;
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t bits;
+            memcpy(&bits, src + i, sizeof(bits));
+            d[i] = src[i] != src[i] ? 0x7FC0 : (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+        }
+    } else {
+        _Float16 *d = (_Float16 *)dst + start;
+        for (int64_t i = 0; i < n; i++) d[i] = (_Float16)src[i];
+    }
+}
+
+static inline float min2(float a, float b) { return b < a ? b : a; }
+
+/* The number of the 15 midpoints strictly below each x: the nearest code, ties to the lower one. */
+static void nearest_codes(const float *x, int64_t n, const float *midpoints, uint8_t *codes) {
+    for (int64_t i = 0; i < n; i++) {
+        int code = 0;
+        for (int k = 0; k < 15; k++) code += x[i] > midpoints[k];
+        codes[i] = (uint8_t)code;
+    }
+}
+
+/* Normalise a block by its scale (a zero scale divides as 1) and choose its codes. */
+static void quantize_block(const float *x, int n, float scale, const float *midpoints, float *x_hat, uint8_t *codes) {
+    float divisor = scale > 0.0f ? scale : 1.0f;
+    for (int i = 0; i < n; i++) x_hat[i] = x[i] / divisor;
+    nearest_codes(x_hat, n, midpoints, codes);
+}
+
+static void pack(const uint8_t *codes, int64_t n_bytes, uint8_t *dst) {
+    for (int64_t j = 0; j < n_bytes; j++) dst[j] = (uint8_t)(codes[2 * j] | (codes[2 * j + 1] << 4));
+}
+
+static void unpack(const uint8_t *src, int64_t n_bytes, int64_t n_codes, uint8_t *codes) {
+    for (int64_t j = 0; j < n_bytes; j++) {
+        codes[2 * j] = src[j] & 15;
+        codes[2 * j + 1] = src[j] >> 4;
+    }
+    for (int64_t i = 2 * n_bytes; i < n_codes; i++) codes[i] = 0;
+}
+
+/* The rank-1 scale min(row[r], col[c]) of n consecutive elements from flat index e. */
+static void rank1_scales(const float *row, const float *col, int64_t n_cols, int64_t e, int64_t n, float *scale) {
+    int64_t r = e / n_cols, c = e % n_cols;
+    for (int64_t i = 0; i < n; i++) {
+        scale[i] = min2(row[r], col[c]);
+        if (++c == n_cols) c = 0, r++;
+    }
+}
+
+/* Step blocks [block_begin, block_end) of one parameter of numel elements, in place.
+   v_mode V_BLOCK: v codes with block scales v_absmax; V_RANK1: v codes with the old rank-1 statistics old_row,
+   old_col and the new ones new_row, new_col (computed before, by adamw4bit_rank1_stats); V_GIVEN: v_given is this
+   step's v (fp32, numel), and no v state is read or written. scalars: the 7 floats of StepScalars, in its order. */
+void adamw4bit_blocks(void *param, int param_dtype, const void *grad, int grad_dtype, uint8_t *m_codes,
+                      float *m_absmax, uint8_t *v_codes, float *v_absmax, const float *old_row, const float *old_col,
+                      const float *new_row, const float *new_col, const float *v_given, const float *de,
+                      const float *de_mid, const float *lin, const float *lin_mid, int64_t numel,
+                      int64_t block_begin, int64_t block_end, int block_size, int64_t n_cols, int v_mode,
+                      const float *s) {
+    float p[block_size], g[block_size], m[block_size], v[block_size], scale[block_size], x_hat[block_size];
+    uint8_t m_q[block_size], v_q[block_size];
+    for (int64_t b = block_begin; b < block_end; b++) {
+        int64_t e0 = b * block_size, byte0 = e0 / 2;
+        int n = numel - e0 < block_size ? (int)(numel - e0) : block_size;
+        int n_bytes = (n + 1) / 2;
+        load_fp32(param, param_dtype, e0, n, p);
+        load_fp32(grad, grad_dtype, e0, n, g);
+        unpack(m_codes + byte0, n_bytes, block_size, m_q);
+        for (int i = 0; i < n; i++) m[i] = de[m_q[i]] * m_absmax[b];
+        if (v_mode == V_GIVEN) {
+            memcpy(v, v_given + e0, (size_t)n * sizeof(float));
+        } else {
+            unpack(v_codes + byte0, n_bytes, block_size, v_q);
+            if (v_mode == V_RANK1) {
+                rank1_scales(old_row, old_col, n_cols, e0, n, scale);
+                for (int i = 0; i < n; i++) v[i] = lin[v_q[i]] * scale[i];
+            } else {
+                for (int i = 0; i < n; i++) v[i] = lin[v_q[i]] * v_absmax[b];
+            }
+            for (int i = 0; i < n; i++) v[i] = v[i] * s[BETA2] + (s[ONE_MINUS_BETA2] * g[i]) * g[i];
+        }
+        for (int i = 0; i < n; i++) {
+            m[i] = m[i] + s[ONE_MINUS_BETA1] * (g[i] - m[i]);
+            float root = (float)__builtin_sqrt((double)v[i]);
+            p[i] = p[i] * s[DECAY] + (s[NEG_STEP_SIZE] * m[i]) / (root / s[BIAS_CORRECTION2_SQRT] + s[EPS]);
+        }
+        store_param(param, param_dtype, e0, n, p);
+        for (int i = n; i < block_size; i++) m[i] = v[i] = 0.0f; /* the zero padding of the last block */
+
+        float m_max = 0.0f;
+        for (int i = 0; i < block_size; i++) {
+            float a = m[i] < 0.0f ? -m[i] : m[i];
+            m_max = a > m_max ? a : m_max;
+        }
+        quantize_block(m, block_size, m_max, de_mid, x_hat, m_q);
+        pack(m_q, n_bytes, m_codes + byte0);
+        m_absmax[b] = m_max;
+        if (v_mode == V_BLOCK) {
+            float v_max = 0.0f;
+            for (int i = 0; i < block_size; i++) v_max = v[i] > v_max ? v[i] : v_max;
+            quantize_block(v, block_size, v_max, lin_mid, x_hat, v_q);
+            v_absmax[b] = v_max;
+        } else if (v_mode == V_RANK1) {
+            rank1_scales(new_row, new_col, n_cols, e0, n, scale);
+            for (int i = 0; i < n; i++) x_hat[i] = v[i] / (scale[i] > 0.0f ? scale[i] : 1.0f);
+            for (int i = n; i < block_size; i++) x_hat[i] = 0.0f;
+            nearest_codes(x_hat, block_size, lin_mid, v_q);
+        }
+        if (v_mode != V_GIVEN) pack(v_q, n_bytes, v_codes + byte0);
+    }
+}
+
+/* Row and column maxima of the new rank-1 v over rows [row_begin, row_end) of an (n_rows, n_cols) parameter:
+   new_row[r] for those rows, and col_max (n_cols, zeroed by the caller) for this range's columns maxima. */
+void adamw4bit_rank1_stats(const void *grad, int grad_dtype, const uint8_t *v_codes, const float *old_row,
+                           const float *old_col, const float *lin, int64_t row_begin, int64_t row_end,
+                           int64_t n_cols, float *new_row, float *col_max, const float *s) {
+    float g[SEGMENT], v[SEGMENT];
+    for (int64_t r = row_begin; r < row_end; r++) {
+        float row_max = 0.0f;
+        for (int64_t c0 = 0; c0 < n_cols; c0 += SEGMENT) {
+            int64_t n = n_cols - c0 < SEGMENT ? n_cols - c0 : SEGMENT, e0 = r * n_cols + c0;
+            load_fp32(grad, grad_dtype, e0, n, g);
+            for (int64_t i = 0; i < n; i++) {
+                int64_t e = e0 + i;
+                int q = (v_codes[e >> 1] >> ((e & 1) * 4)) & 15;
+                v[i] = lin[q] * min2(old_row[r], old_col[c0 + i]);
+                v[i] = v[i] * s[BETA2] + (s[ONE_MINUS_BETA2] * g[i]) * g[i];
+            }
+            for (int64_t i = 0; i < n; i++) {
+                row_max = v[i] > row_max ? v[i] : row_max;
+                col_max[c0 + i] = v[i] > col_max[c0 + i] ? v[i] : col_max[c0 + i];
+            }
+        }
+        new_row[r] = row_max;
+    }
+}

@@ -1,0 +1,216 @@
+"""The 4-bit AdamW step's C kernel (hf_ext/kernels/adamw4bit_step.c) against its torch twin, and its build.
+
+Both sides round every fp32 op once (no FMA, correctly rounded sqrt and division), so parameters, codes, block
+scales and rank-1 statistics are expected to be identical: the tolerance is 0. Work is split across threads by
+ranges of blocks and rows; the small ``CPU_CHUNK_ELEMENTS`` of ``many_chunks`` makes every tensor here span several.
+"""
+
+import warnings
+
+import pytest
+import torch
+from test_kernel_adamw4bit import clone_state, random_state
+
+from hf_ext.kernels import adamw4bit_step as fused
+from hf_ext.kernels import cpu_library, dispatch
+from hf_ext.kernels import quant4 as quant
+from hf_ext.optim import AdamW4bit, AdamW4bitFactor
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def many_chunks(monkeypatch):
+    monkeypatch.setattr(fused, "CPU_CHUNK_ELEMENTS", 256)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_the_c_kernel_builds_here():
+    """CI machines have a C compiler: the fast path must be the one the other tests exercise."""
+    assert dispatch.cpu_kernel(torch.empty(1), "adamw4bit_step") is not None, cpu_library.load_error("adamw4bit_step")
+
+
+@pytest.mark.parametrize(
+    "shape, rank1, block_size",
+    [
+        ((301,), False, 128),  # odd count: a pad nibble
+        ((257,), False, 64),
+        ((5, 123), True, 128),
+        ((5, 123), False, 128),
+        ((64, 130), True, 128),
+        ((97, 301), True, 32),  # blocks that cut rows, odd element count
+        ((40, 257), False, 2),  # the smallest block
+    ],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grad_fp32", [False, True])
+def test_c_kernel_equals_torch_twin(shape, rank1, block_size, dtype, grad_fp32, many_chunks):
+    gen = torch.Generator().manual_seed(0)
+    param = torch.randn(shape, generator=gen).to(dtype)
+    state = random_state(shape, rank1, block_size, seed=1)
+    param_c, state_c = param.clone(), clone_state(state)
+    for step in (1, 2, 3):
+        grad = (torch.randn(shape, generator=gen) * 0.1).to(torch.float32 if grad_fp32 else dtype)
+        scalars = fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 1e-2, step)
+        fused.adamw4bit_step_torch(param, grad, *state, scalars, block_size, rank1)
+        fused.adamw4bit_step_cpu(param_c, grad, *state_c, scalars, block_size, rank1)
+        for a, b in zip(state[:3] + state[3], state_c[:3] + state_c[3], strict=True):
+            assert torch.equal(a, b)  # codes, block absmax and rank-1 statistics identical
+        assert torch.equal(param_c, param)
+
+
+def test_c_kernel_sees_zero_rows_and_a_single_row_shard(many_chunks):
+    """Rank-1 statistics of one row (a shard's shape) and a gradient with zero rows: zero scales divide as 1."""
+    shape = (1, 700)
+    gen = torch.Generator().manual_seed(2)
+    v = torch.rand(shape, generator=gen) * 1e-4
+    lin = quant.linear_map()
+    m_codes, m_absmax = quant.quantize_blockwise(torch.zeros(shape), quant.dynamic_exponent_map(), 128)
+    v_codes, stats = quant.quantize_rank1(v, lin, shape=shape)
+    state = [m_codes, m_absmax, v_codes, stats]
+    param = torch.randn(shape, generator=gen)
+    param_c, state_c = param.clone(), clone_state(state)
+    grad = torch.randn(shape, generator=gen)
+    grad[:, :300] = 0.0
+    scalars = fused.StepScalars.from_group(1e-2, 0.9, 0.999, 1e-8, 0.0, 1)
+    fused.adamw4bit_step_torch(param, grad, *state, scalars, 128, True)
+    fused.adamw4bit_step_cpu(param_c, grad, *state_c, scalars, 128, True)
+    assert torch.equal(param_c, param)
+    for a, b in zip(state[:3] + state[3], state_c[:3] + state_c[3], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_c_kernel_hands_the_new_statistics_to_reduce_before_choosing_codes():
+    """A sharded parameter's statistics are changed by ``reduce`` (a MAX across ranks) before any v code."""
+    shape = (33, 300)
+    state = random_state(shape, True, 128, seed=3)
+    state_c = clone_state(state)
+    gen = torch.Generator().manual_seed(4)
+    param, grad = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen) * 0.1
+    param_c = param.clone()
+    seen = []
+
+    def reduce(stats):  # as another rank's larger maxima would
+        seen.append([s.clone() for s in stats])
+        stats[1].mul_(2.0)
+
+    scalars = fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    expected = fused.rank1_next_statistics(grad, state[2], state[3], scalars)
+    fused.adamw4bit_step_torch(param, grad, *state, scalars, 128, True, reduce)
+    fused.adamw4bit_step_cpu(param_c, grad, *state_c, scalars, 128, True, reduce)
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], expected, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(seen[1], expected, strict=True))
+    assert torch.equal(state_c[3][1], expected[1] * 2.0)
+    assert torch.equal(state_c[2], state[2]) and torch.equal(param_c, param)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_c_kernel_given_v_equals_quantized_m_then_stepped_param(dtype, many_chunks):
+    """``adamw4bit_step_given_v``: the Factor optimizer's fused step against the twin's two calls."""
+    shape = (37, 129)
+    gen = torch.Generator().manual_seed(5)
+    param = torch.randn(shape, generator=gen).to(dtype)
+    m_codes, m_absmax = quant.quantize_blockwise(
+        torch.randn(shape, generator=gen) * 1e-2, quant.dynamic_exponent_map(), 64
+    )
+    grad = (torch.randn(shape, generator=gen) * 0.1).to(dtype)
+    v = torch.rand(shape, generator=gen) * 1e-3
+    scalars = fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 1e-2, 2)
+    param_c, m_codes_c, m_absmax_c = param.clone(), m_codes.clone(), m_absmax.clone()
+    fused.adamw4bit_step_given_v(param_c, grad, m_codes_c, m_absmax_c, v, scalars, 64)
+    m = fused.step_quantized_m(m_codes, m_absmax, grad.float(), scalars, 64)
+    param.copy_(fused.stepped_param(param.float(), m.view(shape), v, scalars))
+    assert torch.equal(param_c, param) and torch.equal(m_codes_c, m_codes) and torch.equal(m_absmax_c, m_absmax)
+
+
+@pytest.mark.parametrize("optimizer", [AdamW4bit, AdamW4bitFactor])
+def test_optimizer_through_the_c_kernel_equals_the_twin(optimizer, monkeypatch):
+    """Whole runs, every layout (rank-1, block-wise, 3-d rank-1 on the twin, fp32), C kernel vs twins only."""
+    shapes = [(40, 130), (5000,), (2, 30, 90), (8, 8), (300, 7)]
+    runs = []
+    for disabled in ("1", "0"):
+        monkeypatch.setenv("HF_EXT_DISABLE_CPU_KERNELS", disabled)
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen).to(torch.bfloat16).requires_grad_() for s in shapes]
+        opt = optimizer(params, lr=1e-2, weight_decay=0.1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            opt.step()
+        runs.append((params, opt))
+    (twin_params, twin_opt), (c_params, c_opt) = runs
+    for a, b in zip(twin_params, c_params, strict=True):
+        assert torch.equal(a, b)
+        assert all(torch.equal(twin_opt.state[a][k], c_opt.state[b][k]) for k in twin_opt.state[a])
+
+
+def test_chunks_cover_the_range_once():
+    torch_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert cpu_library.chunks(10, 3) == [(0, 3), (3, 6), (6, 10)]
+        assert cpu_library.chunks(1000, 1) == [(0, 250), (250, 500), (500, 750), (750, 1000)]
+        assert cpu_library.chunks(5, 100) == [(0, 5)]
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def test_library_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_EXT_CACHE", str(tmp_path))
+    cpu_library.load.cache_clear()
+    try:
+        assert cpu_library.load("adamw4bit_step") is not None
+        built = list(tmp_path.glob("adamw4bit_step-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        cpu_library.load.cache_clear()
+        assert cpu_library.load("adamw4bit_step") is not None
+        assert [p.stat().st_mtime_ns for p in tmp_path.glob("*.so")] == [stamp]  # reused, not rebuilt
+    finally:
+        cpu_library.load.cache_clear()
+
+
+def test_without_a_compiler_the_twin_runs_with_one_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_EXT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-hf-ext")
+    cpu_library.load.cache_clear()
+    dispatch._warn_no_cpu_kernel.cache_clear()
+    try:
+        shape = (5, 123)
+        state = random_state(shape, True, 128, seed=1)
+        state_twin = clone_state(state)
+        param = torch.randn(shape)
+        param_twin, grad = param.clone(), torch.randn(shape) * 0.1
+        scalars = fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+        with pytest.warns(RuntimeWarning, match="no C compiler 'no-such-compiler-hf-ext'.*HF_EXT_DISABLE_CPU_KERNELS"):
+            fused.adamw4bit_step(param, grad, *state, scalars, 128, True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fused.adamw4bit_step(param, grad, *clone_state(state), scalars, 128, True)  # said once
+        fused.adamw4bit_step_torch(param_twin, grad, *state_twin, scalars, 128, True)
+        assert torch.equal(state[2], state_twin[2])
+        with pytest.raises(ValueError, match="needs a built C kernel"):
+            fused.adamw4bit_step_cpu(param, grad, *state, scalars, 128, True)
+    finally:
+        cpu_library.load.cache_clear()
+        dispatch._warn_no_cpu_kernel.cache_clear()
+
+
+def test_a_failing_build_says_what_the_compiler_said(tmp_path, monkeypatch):
+    compiler = tmp_path / "cc"
+    compiler.write_text(
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then echo fake 1.0; exit 0; fi\necho 'boom: bad flag' >&2\nexit 1\n"
+    )
+    compiler.chmod(0o755)
+    monkeypatch.setenv("HF_EXT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(compiler))
+    cpu_library.load.cache_clear()
+    try:
+        assert cpu_library.load("adamw4bit_step") is None
+        assert "failed to build adamw4bit_step.c: boom: bad flag" in cpu_library.load_error("adamw4bit_step")
+    finally:
+        cpu_library.load.cache_clear()
