@@ -17,6 +17,8 @@ import transformers
 from safetensors.torch import save_model
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
+from hf_ext.cache import cache_root
+
 
 EMBEDDED_MODEL = "embedded:tiny-qwen2"
 ALPHABET = tuple(chr(ord("a") + i) for i in range(16))  # the task counts through these, cyclically
@@ -60,8 +62,7 @@ def build_tiny_model(tokenizer: Qwen2Tokenizer | None = None, seed: int = MODEL_
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("HF_EXT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_ext"
-    return Path(root) / "embedded"
+    return cache_root() / "embedded"
 
 
 def build_fingerprint() -> str:

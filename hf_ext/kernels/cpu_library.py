@@ -1,9 +1,9 @@
 """Build, cache and load hf_ext's C kernels for the CPU (``hf_ext/kernels/<name>.c``), and run them on threads.
 
 A kernel's C file is compiled once per machine with the system's C compiler (``$CC``, else ``cc``) into a shared
-library under ``$HF_EXT_CACHE`` (default ``$XDG_CACHE_HOME/hf_ext``, else ``~/.cache/hf_ext``), named by a hash of
-the source, the flags, the compiler's version and the CPU's model and feature flags, so a library built for one
-CPU is never loaded on another. The flags allow vectorisation for this CPU (``-march=native``) but forbid FMA
+library in ``kernels/`` of ``hf_ext.cache.cache_root()`` (``$HF_EXT_CACHE``, else ``~/.cache/hf_ext``), named by a
+hash of the source, the flags, the compiler's version and the CPU's model and feature flags, so a library built for
+one CPU is never loaded on another. The flags allow vectorisation for this CPU (``-march=native``) but forbid FMA
 contraction and unsafe math, so a C kernel rounds as its torch twin does. Without a working compiler ``load`` returns
 None and says why (``load_error``); the kernel's dispatch then warns once and runs the twin.
 ``HF_EXT_DISABLE_CPU_KERNELS=1`` chooses the twins without building anything.
@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from hf_ext.cache import cache_root
+
 
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-fPIC", "-shared")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C files' DTYPE_* values
@@ -34,12 +36,6 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C f
 
 def cpu_kernels_disabled() -> bool:
     return os.environ.get("HF_EXT_DISABLE_CPU_KERNELS", "0").lower() in ("1", "true", "yes")
-
-
-def cache_dir() -> Path:
-    if "HF_EXT_CACHE" in os.environ:
-        return Path(os.environ["HF_EXT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_ext"
 
 
 def _cpu_signature() -> str:
@@ -80,7 +76,7 @@ def _build_and_load(name: str) -> ctypes.CDLL:
         raise OSError(f"no C compiler {compiler!r} on PATH (set CC to one)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()]))
-    library = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
+    library = cache_root() / "kernels" / f"{name}-{key.hexdigest()[:16]}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as tmp:

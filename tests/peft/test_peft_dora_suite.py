@@ -20,6 +20,8 @@ from pathlib import Path, PurePosixPath
 import peft
 import pytest
 
+from hf_ext.cache import cache_root
+
 
 SUITE_DIR = Path(__file__).parent / "peft_suite"
 MIN_PASSED = 600  # floor on the PEFT DoRA cases that pass (PEFT itself skips some: merging grouped convs, ...)
@@ -41,8 +43,7 @@ dora_cases = _load_dora_cases()
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("HF_EXT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_ext"
-    return Path(root) / "peft-sdist"
+    return cache_root() / "peft-sdist"
 
 
 def peft_sdist(version: str) -> Path:
@@ -155,6 +156,8 @@ def test_every_exclusion_still_names_a_peft_case(peft_dora_run):
 
 SYNTHETIC_TESTS = """
 import pytest
+
+from hf_ext.cache import cache_root
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
