@@ -149,6 +149,30 @@ def check_rank1_statistics(device, dtype, shape, label):
     record("adamw4bit rank-1 statistics pass vs twin (max rel)", label, error, 0.0 if device == "cpu" else 1e-6)
 
 
+def check_many_tensors(device, dtype, quick: bool):
+    """The optimizer's multi-tensor launches (several tensors per Triton launch) against the twin, stepping the same
+    decoder-like set of shapes (rank-1 and block-wise v, an odd size) for 3 steps."""
+    from hf_ext.optim import AdamW4bit
+
+    shapes = (
+        [(64, 96), (130, 77), (5001,), (64,)] if quick else [(512, 512), (1536, 512), (512, 1536), (130, 77), (8193,)]
+    )
+    runs = []
+    for kernel in (False, True):
+        gen = torch.Generator(device="cpu").manual_seed(11)
+        params = [torch.randn(shape, generator=gen).to(device, dtype).requires_grad_() for shape in shapes]
+        optimizer = AdamW4bit(params, lr=1e-3, weight_decay=0.01)
+        for _ in range(3):
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=gen) * 0.1).to(device, dtype)
+            with dispatch(kernel):
+                optimizer.step()
+        runs.append(params)
+    worst = max(((a.double() - b.double()).abs().max() / 1e-3).item() for a, b in zip(*runs, strict=True))
+    record("adamw4bit multi-tensor launches vs twin (max dp / lr)", f"{len(shapes)} tensors", worst,
+           0.0 if device == "cpu" else 1e-2)  # fmt: skip
+
+
 def check_nonfinite_gradient(device):
     from hf_ext.optim import AdamW4bit
 
@@ -198,6 +222,8 @@ def main() -> int:
                 check_adamw4bit(device, dtype, shape, rank1, label)
                 if rank1:
                     check_rank1_statistics(device, dtype, shape, label)
+        if dtype is not torch.float16:
+            check_many_tensors(device, dtype, args.quick)
     check_nonfinite_gradient(device)
     print("| check | case | error | bound | ok |\n|---|---|---:|---:|---|")
     for check, case, error, bound, ok in rows:

@@ -23,14 +23,21 @@ are these element-wise ops; the optimizer's fp32-state and factored paths call t
   forms the new v in registers and writes only those maxima: exact statistics of this step's v, as the paper's
   rank-1 normalisation defines them, for one extra read of g and the v codes.
 
-Dispatch (``adamw4bit_step``): Triton for contiguous CUDA tensors when triton imports, the twin elsewhere (rank-1
-v with more than two non-singleton dimensions always runs the twin); ``HF_EXT_DISABLE_TRITON=1`` forces the twin.
-On a GPU the compiler may contract a multiply and an add into an FMA, so codes can differ from the twin in rare
-last-ulp ties; a run (and its resume) keeps one path per device. To run the kernel on CPU tensors, set
-TRITON_INTERPRET=1 before triton is first imported (triton's own library functions are decorated at import).
+- ``adamw4bit_step_cpu``: the same ops in C (``adamw4bit_step.c``, built by ``hf_ext.kernels.cpu_library``), one
+  call per range of blocks on torch's thread count, with a first pass for the rank-1 statistics as on the GPU
+  (``rank1_next_statistics_cpu``); bit for bit the twin's results, vectorised by the compiler.
+  ``adamw4bit_step_given_v`` is the step of ``AdamW4bitFactor``'s tensors: 4-bit m with a v the caller computed.
+
+Dispatch (``adamw4bit_step``): Triton for contiguous CUDA tensors when triton imports, the C kernel for contiguous
+fp32/bf16/fp16 CPU tensors when it builds, the twin elsewhere (rank-1 v with more than two non-singleton dimensions
+always runs the twin); ``HF_EXT_DISABLE_TRITON=1`` and ``HF_EXT_DISABLE_CPU_KERNELS=1`` force the twin. On a GPU the
+compiler may contract a multiply and an add into an FMA, so codes can differ from the twin in rare last-ulp ties; a run
+(and its resume) keeps one path per device. To run the kernel on CPU tensors, set TRITON_INTERPRET=1 before triton is
+first imported (triton's own library functions are decorated at import).
 """
 
 import ctypes
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -43,6 +50,7 @@ from hf_ext.kernels.dispatch import cpu_kernel, tl, triton, use_triton  # noqa: 
 
 BLOCKS_PER_PROGRAM = 4
 STATS_TILE = (16, 128)  # (rows, columns) of v each program of the rank-1 statistics pass reduces
+MAX_TENSORS_PER_LAUNCH = 64  # tensors one launch of the Triton kernels steps
 CPU_CHUNK_ELEMENTS = 1 << 16  # the fewest elements one thread of the C kernel takes
 V_BLOCK, V_RANK1, V_GIVEN = 0, 1, 2  # the C kernel's v modes
 
@@ -104,16 +112,40 @@ def adamw4bit_step(
 
     Returns:
         None. Runs the Triton kernel where ``hf_ext.kernels.dispatch.use_triton`` allows it (contiguous ``param``,
-        rank-1 v of at most two non-singleton dimensions), the torch twin otherwise.
+        rank-1 v of at most two non-singleton dimensions), the C kernel on such CPU tensors, the torch twin
+        otherwise.
     """
-    fits = param.is_contiguous() and (not v_rank1 or len(v_scales) == 2)
-    if fits and use_triton(param, "adamw4bit_step"):
-        step = adamw4bit_step_triton
-    elif fits and _cpu_kernel(param, grad) is not None:
-        step = adamw4bit_step_cpu
-    else:
-        step = adamw4bit_step_torch
-    step(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1, reduce_stats)
+    job = StepJob(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, reduce_stats)
+    adamw4bit_steps([job], block_size, v_rank1)
+
+
+def adamw4bit_steps(jobs: list["StepJob"], block_size: int, v_rank1: bool) -> None:
+    """``adamw4bit_step`` of many tensors: the Triton ones in as few launches as their dtypes and devices allow
+    (``adamw4bit_steps_triton``), the others one by one. Each job's ``reduce_stats`` is called once, in job order
+    among the jobs of one path, also for an empty tensor (a shard with no rows), whose statistics are zeros.
+
+    Args:
+        jobs: ``StepJob``s, each as ``adamw4bit_step``'s arguments; block_size, v_rank1: shared by all of them.
+    """
+    launches: dict[tuple, list[StepJob]] = {}
+    for job in jobs:
+        fits = job.param.is_contiguous() and (not v_rank1 or len(job.v_scales) == 2)
+        if fits and use_triton(job.param, "adamw4bit_step"):
+            key = (job.param.dtype, job.grad.dtype, job.param.device)
+            launches.setdefault(key, []).append(dataclasses.replace(job, grad=job.grad.contiguous()))
+        elif job.param.numel() == 0:
+            if job.reduce_stats is not None:
+                zeros = [torch.zeros_like(stat) for stat in job.v_scales]
+                job.reduce_stats(zeros)
+                torch._foreach_copy_(job.v_scales, zeros)
+        else:
+            step = (
+                adamw4bit_step_cpu if fits and _cpu_kernel(job.param, job.grad) is not None else adamw4bit_step_torch
+            )
+            state = (job.m_codes, job.m_absmax, job.v_codes, job.v_scales)
+            step(job.param, job.grad, *state, job.scalars, block_size, v_rank1, job.reduce_stats)
+    for group in launches.values():
+        adamw4bit_steps_triton(group, block_size, v_rank1)
 
 
 def adamw4bit_step_given_v(param, grad, m_codes, m_absmax, v, scalars: StepScalars, block_size: int) -> None:
@@ -220,29 +252,6 @@ def rank1_next_statistics(grad, v_codes, v_scales: list[torch.Tensor], scalars: 
     shape = tuple(stat.numel() for stat in v_scales)
     old = quant4.dequantize_rank1(v_codes, v_scales, quant4.linear_map(v_codes.device), shape)
     return quant4.rank1_statistics(next_v(old, grad.float().reshape(shape), scalars))
-
-
-def rank1_next_statistics_triton(grad, v_codes, v_scales: list[torch.Tensor], scalars: StepScalars):
-    """``rank1_next_statistics`` for 2-D rank-1 v in one Triton pass: tiles of ``STATS_TILE`` elements reduce the new
-    v's maxima in registers and merge them with atomic maxima (v >= 0, so a zeroed vector is the identity).
-
-    Args:
-        grad: the contiguous gradient, N = R C elements; v_codes: uint8 (ceil(N / 2),) packed old v codes;
-        v_scales: the old (R,) row and (C,) column statistics, fp32; scalars: the step's scalars.
-
-    Returns:
-        The new fp32 (R,) and (C,) statistics, bit for bit those of ``rank1_next_statistics`` (max is exact).
-    """
-    old_row, old_col = v_scales
-    new_row, new_col = torch.zeros_like(old_row), torch.zeros_like(old_col)
-    rows, cols = old_row.numel(), old_col.numel()
-    tile_rows, tile_cols = STATS_TILE
-    grid = (math.ceil(rows / tile_rows), math.ceil(cols / tile_cols))
-    _rank1_stats_kernel[grid](
-        grad, v_codes, old_row, old_col, new_row, new_col, quant4.linear_map(grad.device), rows, cols,
-        scalars.beta2, scalars.one_minus_beta2, BLOCK_R=tile_rows, BLOCK_C=tile_cols,
-    )  # fmt: skip
-    return [new_row, new_col]
 
 
 def adamw4bit_step_torch(
@@ -375,57 +384,187 @@ def _midpoints(codebook: str, device: torch.device) -> torch.Tensor:
     return quant4.code_midpoints(book).contiguous()
 
 
+@dataclass
+class StepJob:
+    """One parameter's share of a multi-tensor step: ``adamw4bit_step``'s arguments but the shared ones."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    m_codes: torch.Tensor
+    m_absmax: torch.Tensor
+    v_codes: torch.Tensor
+    v_scales: list[torch.Tensor]
+    scalars: StepScalars
+    reduce_stats: object = None
+
+
 def adamw4bit_step_triton(
     param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1, reduce_stats=None
 ) -> None:
-    """Launch the fused kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); same contract as the twin."""
+    """Launch the fused kernel on one tensor (CUDA, or CPU tensors under TRITON_INTERPRET=1); same contract as the
+    twin."""
+    job = StepJob(param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, reduce_stats)
+    adamw4bit_steps_triton([job], block_size, v_rank1)
+
+
+def rank1_next_statistics_triton(grad, v_codes, v_scales: list[torch.Tensor], scalars: StepScalars):
+    """``rank1_next_statistics`` for 2-D rank-1 v in one Triton pass: tiles of ``STATS_TILE`` elements reduce the new
+    v's maxima in registers and merge them with atomic maxima (v >= 0, so a zeroed vector is the identity).
+
+    Args:
+        grad: the contiguous gradient, N = R C elements; v_codes: uint8 (ceil(N / 2),) packed old v codes;
+        v_scales: the old (R,) row and (C,) column statistics, fp32; scalars: the step's scalars.
+
+    Returns:
+        The new fp32 (R,) and (C,) statistics, bit for bit those of ``rank1_next_statistics`` (max is exact).
+    """
+    job = StepJob(grad, grad, v_codes, v_codes, v_codes, v_scales, scalars)
+    _check_triton_jobs([job], 2, True)
+    table, new_stats = _launch_table([job], 2, True)
+    _launch_rank1_stats([job], table, table.to(grad.device))
+    return new_stats[0]
+
+
+def adamw4bit_steps_triton(jobs: list[StepJob], block_size: int, v_rank1: bool) -> None:
+    """The fused step of many tensors, ``MAX_TENSORS_PER_LAUNCH`` per launch: a first launch reduces the rank-1
+    statistics of all of them, each job's ``reduce_stats`` sees its own, then one launch steps them all.
+
+    Args:
+        jobs: contiguous tensors on one device, every param of one dtype and every grad of one dtype; rank-1 v of
+            two dimensions when ``v_rank1``.
+        block_size: elements per quantisation block, a power of two >= 2; v_rank1: rank-1 (True) or block-wise v.
+    """
+    _check_triton_jobs(jobs, block_size, v_rank1)
+    for start in range(0, len(jobs), MAX_TENSORS_PER_LAUNCH):
+        chunk = jobs[start : start + MAX_TENSORS_PER_LAUNCH]
+        table, new_stats = _launch_table(chunk, block_size, v_rank1)
+        device = chunk[0].param.device
+        on_device = table.to(device)
+        programs, tiles = int(table[-1, COLUMN["program_start"]]), int(table[-1, COLUMN["tile_start"]])
+        if v_rank1:
+            if tiles:  # none when every tensor is an empty shard: its statistics stay the zeros
+                _launch_rank1_stats(chunk, table, on_device)
+            for job, stats in zip(chunk, new_stats, strict=True):
+                if job.reduce_stats is not None:
+                    job.reduce_stats(stats)
+        if programs:
+            _adamw4bit_kernel[(programs,)](
+                on_device, on_device.view(torch.float32), len(chunk),
+                quant4.dynamic_exponent_map(device), _midpoints("de", device),
+                quant4.linear_map(device), _midpoints("linear", device),
+                BLOCK=block_size, BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM, RANK1=v_rank1,
+                P_DTYPE=_TL_DTYPES[chunk[0].param.dtype], G_DTYPE=_TL_DTYPES[chunk[0].grad.dtype],
+                MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=TABLE_WIDTH,
+            )  # fmt: skip
+        if v_rank1:
+            torch._foreach_copy_([s for job in chunk for s in job.v_scales], [s for new in new_stats for s in new])
+
+
+def _check_triton_jobs(jobs: list[StepJob], block_size: int, v_rank1: bool) -> None:
     if triton is None:
         raise RuntimeError("adamw4bit_step_triton needs triton; install it or set HF_EXT_DISABLE_TRITON=1.")
-    if v_rank1 and len(v_scales) != 2:
-        raise ValueError(f"the kernel handles rank-1 v of 2 dimensions, got {len(v_scales)}; use the torch twin")
     if block_size < 2 or block_size & (block_size - 1):
         raise ValueError(f"the kernel needs a power-of-two block_size >= 2, got {block_size}")
-    numel, device = param.numel(), param.device
-    if not (param.is_contiguous() and grad.is_contiguous()):
-        raise ValueError("adamw4bit_step_triton needs contiguous param and grad")
-    de, lin = quant4.dynamic_exponent_map(device), quant4.linear_map(device)
+    for job in jobs:
+        if v_rank1 and len(job.v_scales) != 2:
+            raise ValueError(f"the kernel handles rank-1 v of 2 dimensions, got {len(job.v_scales)}; use the twin")
+        if not (job.param.is_contiguous() and job.grad.is_contiguous()):
+            raise ValueError("adamw4bit_step_triton needs contiguous param and grad")
+        same = (job.param.dtype, job.grad.dtype, job.param.device)
+        if same != (jobs[0].param.dtype, jobs[0].grad.dtype, jobs[0].param.device):
+            raise ValueError("one launch needs one param dtype, one grad dtype and one device")
+
+
+# The launch table: one int64 row per tensor, built on the host and copied to the device once per launch. The
+# kernels read its columns by position, in this order; the step's 7 fp32 scalars fill the last 4 columns.
+TABLE_COLUMNS = (
+    "param", "grad", "m_codes", "m_absmax", "v_codes", "v_absmax", "old_row", "old_col", "new_row", "new_col",
+    "numel", "blocks", "rows", "cols", "program_start", "tile_start", "tile_cols", "scalars",
+)  # fmt: skip
+COLUMN = {name: index for index, name in enumerate(TABLE_COLUMNS)}
+TABLE_WIDTH = len(TABLE_COLUMNS) + 3
+
+
+def _launch_table(jobs: list[StepJob], block_size: int, v_rank1: bool):
+    """The host-side int64 launch table of ``jobs`` (one row per job and a last row whose ``program_start`` and
+    ``tile_start`` are the totals) and, for rank-1 v, each job's new (R,) and (C,) statistics: views of one zeroed
+    buffer (one launch)."""
+    new_stats = []
     if v_rank1:
-        old_row, old_col = v_scales
-        new_row, new_col = rank1_next_statistics_triton(grad, v_codes, v_scales, scalars)
-        if reduce_stats is not None:
-            reduce_stats([new_row, new_col])
-        n_cols = old_col.numel()
-    else:
-        old_row = old_col = new_row = new_col = v_scales[0]  # unused placeholders
-        n_cols = 1
-    blocks = quant4.num_blocks(numel, block_size)
-    grid = (math.ceil(blocks / BLOCKS_PER_PROGRAM),)
-    _adamw4bit_kernel[grid](
-        param, grad, m_codes, m_absmax, v_codes, v_scales[0], old_row, old_col, new_row, new_col,
-        de, _midpoints("de", device), lin, _midpoints("linear", device),
-        numel, blocks, n_cols,
-        scalars.decay, scalars.one_minus_beta1, scalars.beta2, scalars.one_minus_beta2,
-        scalars.bias_correction2_sqrt, scalars.neg_step_size, scalars.eps,
-        BLOCK=block_size, BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM, RANK1=v_rank1,
+        sizes = [s.numel() for job in jobs for s in job.v_scales]
+        buffer = torch.zeros(sum(sizes), device=jobs[0].param.device)
+        views = list(buffer.split(sizes))
+        new_stats = [views[2 * i : 2 * i + 2] for i in range(len(jobs))]
+    table = torch.zeros(len(jobs) + 1, TABLE_WIDTH, dtype=torch.int64)
+    programs = tiles = 0
+    tile_rows, tile_cols = STATS_TILE
+    for i, job in enumerate(jobs):
+        blocks = quant4.num_blocks(job.param.numel(), block_size)
+        rows, cols = (job.v_scales[0].numel(), job.v_scales[1].numel()) if v_rank1 else (1, 1)
+        old = job.v_scales if v_rank1 else [job.v_scales[0]] * 2
+        new = new_stats[i] if v_rank1 else old
+        tensors = [job.param, job.grad, job.m_codes, job.m_absmax, job.v_codes, job.v_scales[0], *old, *new]
+        table[i, : len(tensors)] = torch.tensor([t.data_ptr() for t in tensors])
+        across = math.ceil(cols / tile_cols)
+        table[i, COLUMN["numel"] : COLUMN["scalars"]] = torch.tensor(
+            [job.param.numel(), blocks, rows, cols, programs, tiles, across]
+        )
+        table[i, COLUMN["scalars"] :].view(torch.float32)[:7] = _scalar_array(job.scalars)
+        programs += math.ceil(blocks / BLOCKS_PER_PROGRAM)
+        tiles += math.ceil(rows / tile_rows) * across
+    table[-1, COLUMN["program_start"]], table[-1, COLUMN["tile_start"]] = programs, tiles
+    return table, new_stats
+
+
+def _launch_rank1_stats(jobs: list[StepJob], table: torch.Tensor, on_device: torch.Tensor) -> None:
+    """The rank-1 statistics pass of ``jobs`` into their zeroed new statistics (``table``: the host copy)."""
+    tile_rows, tile_cols = STATS_TILE
+    _rank1_stats_kernel[(int(table[-1, COLUMN["tile_start"]]),)](
+        on_device, on_device.view(torch.float32), len(jobs), quant4.linear_map(on_device.device),
+        G_DTYPE=_TL_DTYPES[jobs[0].grad.dtype], BLOCK_R=tile_rows, BLOCK_C=tile_cols,
+        MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=TABLE_WIDTH,
     )  # fmt: skip
-    if v_rank1:
-        old_row.copy_(new_row)
-        old_col.copy_(new_col)
 
 
 if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is imported to run this on CPU
+    _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+    @triton.jit
+    def _find_tensor(table_ptr, n_tensors, start_column, MAX_TENSORS: tl.constexpr, COLUMNS: tl.constexpr):
+        """The launch-table row of this program and the program's index within that tensor's programs."""
+        pid = tl.program_id(0)
+        ids = tl.arange(0, MAX_TENSORS)
+        starts = tl.load(table_ptr + ids * COLUMNS + start_column, mask=ids < n_tensors, other=1 << 62)
+        t = tl.sum((starts <= pid).to(tl.int32), axis=0) - 1
+        return t, pid - tl.load(table_ptr + t * COLUMNS + start_column)
+
+    @triton.jit
+    def _address(table_ptr, row, column, DTYPE: tl.constexpr):
+        """The pointer to ``DTYPE`` elements in column ``column`` of the launch table's row ``row``."""
+        return tl.load(table_ptr + row + column).to(tl.pointer_type(DTYPE))
 
     @triton.jit
     def _adamw4bit_kernel(
-        p_ptr, g_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
-        old_row_ptr, old_col_ptr, new_row_ptr, new_col_ptr,
-        de_ptr, de_mid_ptr, lin_ptr, lin_mid_ptr,
-        numel, num_blocks, n_cols,
-        decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, neg_step_size, eps,
+        table_ptr, table_f32_ptr, n_tensors, de_ptr, de_mid_ptr, lin_ptr, lin_mid_ptr,
         BLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, RANK1: tl.constexpr,
+        P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MAX_TENSORS: tl.constexpr, COLUMNS: tl.constexpr,
     ):  # fmt: skip
+        t, program = _find_tensor(table_ptr, n_tensors, 14, MAX_TENSORS, COLUMNS)  # columns: TABLE_COLUMNS
+        row = t * COLUMNS
+        p_ptr, g_ptr = _address(table_ptr, row, 0, P_DTYPE), _address(table_ptr, row, 1, G_DTYPE)
+        m_codes_ptr, m_absmax_ptr = _address(table_ptr, row, 2, tl.uint8), _address(table_ptr, row, 3, tl.float32)
+        v_codes_ptr, v_absmax_ptr = _address(table_ptr, row, 4, tl.uint8), _address(table_ptr, row, 5, tl.float32)
+        old_row_ptr, old_col_ptr = _address(table_ptr, row, 6, tl.float32), _address(table_ptr, row, 7, tl.float32)
+        new_row_ptr, new_col_ptr = _address(table_ptr, row, 8, tl.float32), _address(table_ptr, row, 9, tl.float32)
+        numel, num_blocks = tl.load(table_ptr + row + 10), tl.load(table_ptr + row + 11)
+        n_cols = tl.load(table_ptr + row + 13)
+        scalars = table_f32_ptr + 2 * (row + 17)
+        decay, one_minus_beta1, beta2 = tl.load(scalars), tl.load(scalars + 1), tl.load(scalars + 2)
+        one_minus_beta2, bias_correction2_sqrt = tl.load(scalars + 3), tl.load(scalars + 4)
+        neg_step_size, eps = tl.load(scalars + 5), tl.load(scalars + 6)
+
         HALF: tl.constexpr = BLOCK // 2
-        blocks = tl.program_id(0) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+        blocks = program * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
         block_ok = blocks < num_blocks
         byte = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (BPP, HALF): codes of elements 2*byte, +1
         elem = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (BPP, BLOCK) in flat order
@@ -438,9 +577,9 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         packed_v = tl.load(v_codes_ptr + byte, mask=byte_ok, other=0).to(tl.int32)
         v_q = tl.reshape(tl.join(packed_v & 15, packed_v >> 4), (BLOCKS_PER_PROGRAM, BLOCK))
         if RANK1:
-            row, col = elem // n_cols, elem % n_cols
+            r, c = elem // n_cols, elem % n_cols
             old_scale = tl.minimum(
-                tl.load(old_row_ptr + row, mask=valid, other=0.0), tl.load(old_col_ptr + col, mask=valid, other=0.0)
+                tl.load(old_row_ptr + r, mask=valid, other=0.0), tl.load(old_col_ptr + c, mask=valid, other=0.0)
             )
         else:
             old_scale = tl.load(v_absmax_ptr + blocks, mask=block_ok, other=0.0)[:, None]
@@ -455,7 +594,7 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         v = tl.where(valid, v, 0.0)
         denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias_correction2_sqrt) + eps
         p = p + tl.math.div_rn(neg_step_size * m, denom)
-        if p_ptr.dtype.element_ty == tl.bfloat16:  # round to nearest even by hand, as torch's copy_ (finite values)
+        if P_DTYPE == tl.bfloat16:  # round to nearest even by hand, as torch's copy_ (finite values)
             bits = p.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
             tl.store(p_ptr + elem, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=valid)
@@ -466,7 +605,7 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         m_hat = tl.math.div_rn(m, tl.where(m_scale > 0, m_scale, 1.0)[:, None])
         if RANK1:
             new_scale = tl.minimum(
-                tl.load(new_row_ptr + row, mask=valid, other=0.0), tl.load(new_col_ptr + col, mask=valid, other=0.0)
+                tl.load(new_row_ptr + r, mask=valid, other=0.0), tl.load(new_col_ptr + c, mask=valid, other=0.0)
             )
         else:
             new_scale = tl.max(v, axis=1)[:, None]
@@ -485,12 +624,22 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
 
     @triton.jit
     def _rank1_stats_kernel(
-        g_ptr, v_codes_ptr, old_row_ptr, old_col_ptr, new_row_ptr, new_col_ptr, lin_ptr,
-        n_rows, n_cols, beta2, one_minus_beta2,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        table_ptr, table_f32_ptr, n_tensors, lin_ptr,
+        G_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        MAX_TENSORS: tl.constexpr, COLUMNS: tl.constexpr,
     ):  # fmt: skip
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        t, tile = _find_tensor(table_ptr, n_tensors, 15, MAX_TENSORS, COLUMNS)  # columns: TABLE_COLUMNS
+        row = t * COLUMNS
+        g_ptr, v_codes_ptr = _address(table_ptr, row, 1, G_DTYPE), _address(table_ptr, row, 4, tl.uint8)
+        old_row_ptr, old_col_ptr = _address(table_ptr, row, 6, tl.float32), _address(table_ptr, row, 7, tl.float32)
+        new_row_ptr, new_col_ptr = _address(table_ptr, row, 8, tl.float32), _address(table_ptr, row, 9, tl.float32)
+        n_rows, n_cols = tl.load(table_ptr + row + 12), tl.load(table_ptr + row + 13)
+        across = tl.load(table_ptr + row + 16)
+        scalars = table_f32_ptr + 2 * (row + 17)
+        beta2, one_minus_beta2 = tl.load(scalars + 2), tl.load(scalars + 3)
+
+        rows = (tile // across) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (tile % across) * BLOCK_C + tl.arange(0, BLOCK_C)
         row_ok, col_ok = rows < n_rows, cols < n_cols
         valid = row_ok[:, None] & col_ok[None, :]
         elem = rows[:, None].to(tl.int64) * n_cols + cols[None, :]

@@ -31,14 +31,14 @@ statistics (no eps added to g^2; a zero mean(R) divides as 1):
     v <- (R / mean_last(R))[..., :, None] * C[..., None, :]
 
 The codebooks, quantizers and packing are ``hf_ext.kernels.quant4``'s. The quantized m / v step runs
-``hf_ext.kernels.adamw4bit_step`` (Triton on CUDA, its torch twin elsewhere); fp32 and factored states go through
-that module's element-wise ops too (``next_m``, ``next_v``, ``stepped_param``: separately rounded fp32 ops, correctly
-rounded sqrt), so every layout computes the same bits on every CPU, except for the factored means, reductions whose
-summation order may depend on the CPU. The formula is ``torch.optim.AdamW``'s; torch evaluates it in another op order
-(FMA-contracted ``lerp``, and on CPU MKL's sqrt, not correctly rounded on every CPU), so the two agree to a few fp32
-roundings of each term, not bit for bit. ``state_dict()`` holds plain tensors (uint8 codes, fp32 scales and states, a
-CPU fp32 ``step``) and primitives, so ``torch.load(weights_only=True)`` reads it; loading keeps codes uint8 and
-scales fp32, reads each tensor's layout back from its keys and refuses (``StateDictError``) state dicts of other
+``hf_ext.kernels.adamw4bit_step`` (Triton on CUDA, C on the CPU, the torch twin elsewhere); fp32 and factored states go
+through that module's element-wise ops too (``next_m``, ``next_v``, ``stepped_param``: separately rounded fp32 ops,
+correctly rounded sqrt), so every layout computes the same bits on every CPU, except for the factored means, reductions
+whose summation order may depend on the CPU. The formula is ``torch.optim.AdamW``'s; torch evaluates it in another op
+order (FMA-contracted ``lerp``, and on CPU MKL's sqrt, not correctly rounded on every CPU), so the two agree to a few
+fp32 roundings of each term, not bit for bit. ``state_dict()`` holds plain tensors (uint8 codes, fp32 scales and
+states, a CPU fp32 ``step``) and primitives, so ``torch.load(weights_only=True)`` reads it; loading keeps codes uint8
+and scales fp32, reads each tensor's layout back from its keys and refuses (``StateDictError``) state dicts of other
 optimizers, layouts other than the one the saved settings give the parameter, and values no step writes
 (``state_value_problem``). Rounding is deterministic, so a resumed run is bit-identical to an uninterrupted one.
 """
@@ -178,12 +178,16 @@ def choose_layout(param: torch.Tensor, group: dict) -> tuple[str, str]:
     return "q4", "rank1" if quant4.uses_rank1(param.shape) else "block"
 
 
-def _all_finite(grad: torch.Tensor) -> torch.Tensor:
-    """Whether every entry of ``grad`` is finite, as a 0-d bool tensor, from one reading pass: its largest magnitude
-    (a reduction that propagates NaN) is finite. An empty gradient (an empty shard) is finite."""
-    if grad.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=grad.device)
-    return torch.linalg.vector_norm(grad, float("inf")).isfinite()
+def _all_finite(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Whether every entry of each gradient is finite, as 0-d bool tensors, from one reading pass of all of them: the
+    largest magnitudes (``torch._foreach_norm``'s inf-norm, a multi-tensor reduction that propagates NaN) are
+    finite. An empty gradient (an empty shard) is finite."""
+    nonempty = [g for g in grads if g.numel()]
+    norms = iter(torch._foreach_norm(nonempty, float("inf")) if nonempty else [])
+    magnitudes = [next(norms) if g.numel() else g.new_zeros(()) for g in grads]
+    if len({m.device for m in magnitudes}) == 1:
+        return list(torch.stack(magnitudes).isfinite().unbind()) if magnitudes else []
+    return [m.isfinite() for m in magnitudes]
 
 
 def state_nbytes(optimizer: Optimizer) -> int:
@@ -436,14 +440,17 @@ class AdamW4bit(Optimizer):
         for (group, index, p), ok in zip(work, finite, strict=True):
             if not ok and group["nonfinite_grads"] == "raise":
                 raise ValueError(self._nonfinite_message(group, index, p))
+        fused_jobs = {}  # (block_size, rank-1 v) -> the 4-bit steps, run together (one launch for many on CUDA)
         for (group, _, p), shards, ok in zip(work, splits, finite, strict=True):
             if ok:
-                self._update(p, group, shards)
+                self._update(p, group, shards, fused_jobs)
+        for (block_size, rank1), jobs in fused_jobs.items():
+            fused.adamw4bit_steps(jobs, block_size, rank1)
         return loss
 
     def _finite_grads(self, params: list[torch.Tensor], splits: list) -> list[bool]:
         """One device sync for all gradients (per device); DTensor flags agreed across their shard group."""
-        flags = sharded.all_finite(splits, [_all_finite(sharded.local(p.grad)) for p in params])
+        flags = sharded.all_finite(splits, _all_finite([sharded.local(p.grad) for p in params]))
         if len({f.device for f in flags}) == 1:
             return torch.stack(flags).tolist() if flags else []
         return [bool(f) for f in flags]
@@ -483,8 +490,8 @@ class AdamW4bit(Optimizer):
             stacklevel=4,
         )
 
-    def _update(self, p: torch.Tensor, group: dict, shards) -> None:
-        """Step ``p`` and its state; ``shards``: ``sharded.shards_of(p)``."""
+    def _update(self, p: torch.Tensor, group: dict, shards, fused_jobs: dict) -> None:
+        """Step ``p`` and its state, or add its 4-bit step to ``fused_jobs``; ``shards``: ``sharded.shards_of(p)``."""
         state = self.state[p]
         if not state:
             self._init_state(p, group, state, shards)
@@ -495,18 +502,20 @@ class AdamW4bit(Optimizer):
         )
         layout, block_size = state_layout(state), group["block_size"]
         if shards is None:
-            self._step_tensor(p, p.grad, state, scalars, block_size, layout, None)
+            self._step_tensor(p, p.grad, state, scalars, block_size, layout, None, fused_jobs)
             return
         local_state = {k: sharded.local(v) for k, v in state.items()}
         if shards_state(p.shape, layout[0], block_size):
-            self._step_tensor(p.to_local(), p.grad.to_local(), local_state, scalars, block_size, layout, shards)
-        else:  # replicated state: step the gathered parameter, keep this rank's rows
+            local = (p.to_local(), p.grad.to_local(), local_state)
+            self._step_tensor(*local, scalars, block_size, layout, shards, fused_jobs)
+        else:  # replicated state: step the gathered parameter now, keep this rank's rows
             whole = p.full_tensor()
-            self._step_tensor(whole, p.grad.full_tensor(), local_state, scalars, block_size, layout, None)
+            self._step_tensor(whole, p.grad.full_tensor(), local_state, scalars, block_size, layout, None, None)
             p.to_local().copy_(shards.rows_of(whole))
 
-    def _step_tensor(self, p, grad, state, scalars, block_size, layout, shards) -> None:
-        """Step a plain tensor ``p`` (a shard's rows when ``shards`` is set) with its plain state tensors."""
+    def _step_tensor(self, p, grad, state, scalars, block_size, layout, shards, fused_jobs) -> None:
+        """Step a plain tensor ``p`` (a shard's rows when ``shards`` is set) with its plain state tensors; a 4-bit
+        step joins ``fused_jobs`` (run at once when it is None)."""
         m_layout, v_layout = layout
         if m_layout == "q4" and v_layout in ("block", "rank1"):
             rank1 = v_layout == "rank1"
@@ -517,17 +526,14 @@ class AdamW4bit(Optimizer):
             else:
                 v_scales = [state["exp_avg_sq_absmax"].view(-1)]
             reduce = self._rank1_reduce(shards) if rank1 and shards else None
-            if p.numel() == 0:  # an empty shard still takes part in the reductions
-                if reduce is not None:
-                    zeros = [torch.zeros_like(stat) for stat in v_scales]
-                    reduce(zeros)
-                    for stat, new in zip(v_scales, zeros, strict=True):
-                        stat.copy_(new)
-                return
-            fused.adamw4bit_step(
-                p, grad.contiguous(), state["exp_avg_codes"].view(-1), state["exp_avg_absmax"].view(-1),
-                state["exp_avg_sq_codes"].view(-1), v_scales, scalars, block_size, rank1, reduce,
+            job = fused.StepJob(
+                p, grad, state["exp_avg_codes"].view(-1), state["exp_avg_absmax"].view(-1),
+                state["exp_avg_sq_codes"].view(-1), v_scales, scalars, reduce,
             )  # fmt: skip
+            if fused_jobs is None:
+                fused.adamw4bit_steps([job], block_size, rank1)
+            else:
+                fused_jobs.setdefault((block_size, rank1), []).append(job)
         else:
             self._update_reference(p, grad, state, scalars, block_size, m_layout, v_layout, shards)
 

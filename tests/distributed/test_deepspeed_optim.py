@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
 
 
 def test_zero2_training_matches_one_process(trained):
-    """The ranks differ from 1 process only by the gradient all-reduce's rounding: fp32 AdamW lands at ~1e-6, and
+    """The ranks differ from 1 process only by the gradient all-reduce's rounding: fp32 AdamW lands at 1e-6-1e-5, and
     the 4-bit states too (~8e-7; bounded at 2e-3 as under FSDP2, since a rounding change can flip a v code), far
     below the 4-bit-vs-fp32-state distance (~0.1), which a misplaced state would reach. bf16 parameters: ~1e-2 for
     both (bounded at 0.1). Per-rank state bytes are within 1% of half of 1 process's, and the 4-bit state is
@@ -45,7 +45,10 @@ def test_zero2_training_matches_one_process(trained):
     for name in ("AdamW4bit", "AdamW4bitFactor"):
         assert one[f"{name}/float32"]["bytes_rank"] < 0.15 * one["AdamW/float32"]["bytes_rank"]
         assert distance(one[f"{name}/float32"]["params"], one["AdamW/float32"]["params"]) > 0.02
-    assert distance(two[0]["AdamW/float32"]["params"], one["AdamW/float32"]["params"]) < 1e-5
+    # fp32 AdamW's own 2-vs-1 distance: 9.9e-7 and 1.4e-5 measured in two sessions on the same CPU type (Adam's
+    # normalisation amplifies the all-reduce's last-bit differences in small gradients); a wrong data split across
+    # the ranks moves it to ~1e-2.
+    assert distance(two[0]["AdamW/float32"]["params"], one["AdamW/float32"]["params"]) < 2e-4
 
 
 def test_zero2_checkpoint_resumes_exactly(trained):

@@ -91,3 +91,57 @@ def test_interpreted_optimizer_through_the_kernel_equals_the_twin(monkeypatch):
     for a, b in zip(twin_params, kernel_params, strict=True):
         assert torch.equal(a, b)
         assert all(torch.equal(twin_opt.state[a][k], kernel_opt.state[b][k]) for k in twin_opt.state[a])
+
+
+class CountingLaunches:
+    """Stands in for a Triton kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@interpreted
+@pytest.mark.parametrize("rank1", [True, False])
+def test_interpreted_many_tensors_in_two_launches_equal_the_twin(rank1, monkeypatch):
+    """Six tensors, four per launch: two launches of each kernel, every tensor's result the twin's, every job's
+    ``reduce_stats`` called once with its own statistics, in job order; an empty shard's statistics are zeros."""
+    monkeypatch.setattr(fused, "MAX_TENSORS_PER_LAUNCH", 4)
+    monkeypatch.setattr(fused, "use_triton", lambda tensor, kernel: True)
+    step_kernel = CountingLaunches(fused._adamw4bit_kernel)
+    stats_kernel = CountingLaunches(fused._rank1_stats_kernel)
+    monkeypatch.setattr(fused, "_adamw4bit_kernel", step_kernel)
+    monkeypatch.setattr(fused, "_rank1_stats_kernel", stats_kernel)
+    shapes = [(5, 123), (64, 130), (0, 40), (17, 300), (3, 7), (33, 129)] if rank1 else [(301,), (257,), (0,)] * 2
+    gen = torch.Generator().manual_seed(0)
+    twins, jobs, seen = [], [], []
+    for index, shape in enumerate(shapes):
+        param = torch.randn(shape, generator=gen).to(torch.bfloat16)
+        grad = torch.randn(shape, generator=gen) * 0.1
+        state = random_state(shape, rank1, 128, seed=index) if param.numel() else empty_state(shape, rank1)
+        scalars = fused.StepScalars.from_group(1e-3 * (index + 1), 0.9, 0.999, 1e-8, 1e-2, index + 1)
+        twins.append((param.clone(), grad, clone_state(state), scalars))
+        reduce = (lambda stats, index=index: seen.append((index, [s.clone() for s in stats]))) if rank1 else None
+        jobs.append(fused.StepJob(param, grad, *state[:3], state[3], scalars, reduce))
+    fused.adamw4bit_steps(jobs, 128, rank1)
+    assert step_kernel.launches == 2 and stats_kernel.launches == (2 if rank1 else 0)
+    for index, (job, (param, grad, state, scalars)) in enumerate(zip(jobs, twins, strict=True)):
+        expected = fused.rank1_next_statistics(grad, state[2], state[3], scalars) if rank1 and param.numel() else None
+        if param.numel():
+            fused.adamw4bit_step_torch(param, grad, *state, scalars, 128, rank1)
+        assert torch.equal(job.param, param)
+        for a, b in zip([job.m_codes, job.m_absmax, job.v_codes, *job.v_scales], state[:3] + state[3], strict=True):
+            assert torch.equal(a, b if param.numel() else torch.zeros_like(a))
+        if expected is not None:
+            assert all(torch.equal(a, b) for a, b in zip(seen[index][1], expected, strict=True))
+    assert [index for index, _ in seen] == (list(range(len(shapes))) if rank1 else [])
+
+
+def empty_state(shape, rank1: bool):
+    """The state of a shard with no rows: empty codes and block scales, a zero-length row statistic."""
+    empty_u8, empty_f32 = torch.zeros(0, dtype=torch.uint8), torch.zeros(0)
+    v_scales = [torch.zeros(0), torch.ones(shape[1])] if rank1 else [empty_f32.clone()]
+    return [empty_u8, empty_f32, empty_u8.clone(), v_scales]
