@@ -67,6 +67,19 @@ def check_norm(device, dtype, d_out, d_in, r, label):
     record("dora_norm vs fp64", label, relative(kernel, reference), 8 * math.sqrt(d_in) * EPS[torch.float32])
 
 
+def check_product(device, dtype, d_out, d_in, r, label, transposed):
+    """U = W A^T and ||W||^2 straight from W's dtype and strides, against fp64 (error over the sum of magnitudes)."""
+    gen = torch.Generator(device="cpu").manual_seed(d_out + r)
+    weight = torch.randn(d_in, d_out, generator=gen).t() if transposed else torch.randn(d_out, d_in, generator=gen)
+    weight, lora_A = weight.to(device, dtype), torch.randn(r, d_in, generator=gen).to(device)
+    u, row_sq = norm_module.weight_lora_product_triton(weight, lora_A, True)
+    w64 = weight.double()
+    error = ((u.double() - w64 @ lora_A.double().t()).abs() / (w64.abs() @ lora_A.double().abs().t())).max().item()
+    bound = 4 * math.sqrt(d_in) * EPS[torch.float32]  # fp32 accumulation over d_in terms
+    record("dora_norm W A^T kernel vs fp64 (/ sum of |terms|)", label, error, bound)
+    record("dora_norm ||W||^2 kernel vs fp64", label, relative(row_sq, (w64 * w64).sum(1)), bound)
+
+
 def check_compose(device, dtype, shape, label, transposed=False):
     gen = torch.Generator(device="cpu").manual_seed(sum(shape))
     d_out = shape[-1]
@@ -213,6 +226,9 @@ def main() -> int:
         name = next(k for k, v in DTYPES.items() if v is dtype)
         for d_out, d_in, r in norm_shapes:
             check_norm(device, dtype, d_out, d_in, r, f"{name} {d_out}x{d_in} r{r}")
+            for transposed in (False, True):
+                label = f"{name} {d_out}x{d_in} r{r}{' transposed' if transposed else ''}"
+                check_product(device, dtype, d_out, d_in, r, label, transposed)
         for (shape,) in compose_shapes:
             check_compose(device, dtype, shape, f"{name} {'x'.join(map(str, shape))}")
         check_compose(device, dtype, (4, 6, 9), f"{name} 4x6x9 non-contiguous", transposed=True)

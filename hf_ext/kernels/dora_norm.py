@@ -15,20 +15,22 @@ formed once; output rows are processed in chunks sized so that what the call all
 ``chunk_bytes`` (with one exception: the rows always get at least half of it, so a fixed part near or above the
 budget, e.g. a bf16 A upcast at high rank, is exceeded by that half): the fixed part (G, the output, and A if it is
 upcast) plus per row U and B G, and the W and B rows if they are upcast (a fp32 W is used in place, so only a
-bf16/fp16 base pays for its rows). Per chunk, ``U = W_c A^T`` is a torch GEMM (fp32), ``||W_c||^2`` is taken from
-the same block unless the caller passes a cached ``weight_sq`` (``weight_sq_norms``), and a chunk's temporaries are
-freed before the next chunk is upcast; the per-row combination ``||W||^2 + 2 s rowdot(B, U) + s^2 rowdot(B G, B)``,
-clamp and sqrt is done by
+bf16/fp16 base pays for its rows, on the twin's path). Per chunk, ``U = W_c A^T`` and ``||W_c||^2`` (unless the
+caller passes a cached ``weight_sq``, ``weight_sq_norms``) come from ``weight_lora_product_torch`` (a fp32 copy of the
+rows, a torch GEMM) or ``weight_lora_product_triton`` (one Triton GEMM that reads W in its own dtype and strides and
+accumulates in fp32; W rows then cost the budget nothing), and a chunk's temporaries are freed before the next chunk;
+the per-row combination ``||W||^2 + 2 s rowdot(B, U) + s^2 rowdot(B G, B)``, clamp and sqrt is done by
 
 - ``combine_rows_torch``: the pure-torch twin;
 - ``combine_rows_triton``: a Triton kernel, one program per ``BLOCK_M`` rows, looping over rank blocks of
   ``BLOCK_R`` (``B G`` is built block by block with fp32 ``tl.dot`` (``input_precision="ieee"``, no TF32) and
   never stored).
 
-With ``s == 0`` the LoRA terms are skipped (n = ||W||). Dispatch (``factored_row_norm``): the kernel for CUDA
-tensors when triton imports, the twin elsewhere; ``HF_EXT_DISABLE_TRITON=1`` forces the twin (the rule lives in
-``hf_ext.kernels.dispatch``). The two agree to fp32 rounding, not bit for bit (different
-summation order). To run the kernel on CPU tensors, set TRITON_INTERPRET=1 before triton is first imported.
+With ``s == 0`` the LoRA terms are skipped (n = ||W||). Dispatch (``factored_row_norm``): the kernels for CUDA tensors
+when triton imports (the product kernel for a dense W, not a row source), the twins elsewhere;
+``HF_EXT_DISABLE_TRITON=1`` forces the twin (the rule lives in ``hf_ext.kernels.dispatch``). The two agree to fp32
+rounding, not bit for bit (different summation order). To run the kernel on CPU tensors, set TRITON_INTERPRET=1 before
+triton is first imported.
 """
 
 import torch
@@ -40,6 +42,8 @@ from hf_ext.kernels.dispatch import tl, triton, use_triton  # noqa: F401 (tl: us
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 BLOCK_M = 32
 BLOCK_R = 32
+PRODUCT_BLOCK_K = 64  # columns of W per tile of the U = W A^T kernel
+PRODUCT_BLOCK_R = 64  # the most ranks one program of that kernel accumulates (more: programs side by side)
 _FP32 = 4
 
 
@@ -132,8 +136,11 @@ def factored_row_norm(
         ValueError: on shapes that do not fit together, a non-positive ``chunk_bytes``, or a row source with
             ``fan_in_fan_out=True``.
     """
-    combine = combine_rows_triton if use_triton(weight, "dora_norm") else combine_rows_torch
-    return _factored_row_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, weight_sq, chunk_bytes, combine)
+    kernels = use_triton(weight, "dora_norm")
+    combine = combine_rows_triton if kernels else combine_rows_torch
+    product = weight_lora_product_triton if kernels and isinstance(weight, torch.Tensor) else weight_lora_product_torch
+    paths = (combine, product)
+    return _factored_row_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, weight_sq, chunk_bytes, paths)
 
 
 def _check_shapes(w, lora_A, lora_B, weight_sq):
@@ -151,15 +158,18 @@ def _check_shapes(w, lora_A, lora_B, weight_sq):
         )
 
 
-def _factored_row_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, weight_sq, chunk_bytes, combine):
-    """The chunk loop shared by both paths; ``combine`` does the per-row combination (twin or kernel)."""
+def _factored_row_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, weight_sq, chunk_bytes, paths):
+    """The chunk loop shared by both paths; ``paths``: (combine, product), the per-row combination and the
+    ``W A^T`` product, each the twin or the kernel (the kernel product reads W in place: its rows cost no budget)."""
+    combine, product = paths
     w = _oriented(weight, fan_in_fan_out)
     _check_shapes(w, lora_A, lora_B, weight_sq)
     d_out, d_in = w.shape
     scaling = float(scaling)
     rank = 0 if scaling == 0.0 else lora_A.shape[0]
     upcast_factors = lora_A.dtype != torch.float32 or lora_B.dtype != torch.float32
-    step = rows_per_chunk(d_out, d_in, rank, chunk_bytes, weight_row_bytes(w), upcast_factors)
+    w_row_bytes = 0 if product is weight_lora_product_triton else weight_row_bytes(w)
+    step = rows_per_chunk(d_out, d_in, rank, chunk_bytes, w_row_bytes, upcast_factors)
     out = torch.empty(d_out, dtype=torch.float32, device=w.device)
     with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
         a = lora_A.detach().float() if rank else None
@@ -167,20 +177,53 @@ def _factored_row_norm(weight, lora_A, lora_B, scaling, fan_in_fan_out, weight_s
         for start in range(0, d_out, step):
             rows = slice(start, start + step)
             wsq = None if weight_sq is None else weight_sq[rows].detach().float()
-            out[rows] = _chunk_norm(w[rows].detach(), a, lora_B[rows].detach(), gram, wsq, scaling, combine)
+            out[rows] = _chunk_norm(w[rows].detach(), a, lora_B[rows].detach(), gram, wsq, scaling, paths)
     return out
 
 
-def _chunk_norm(w_rows, a, b_rows, gram, wsq, scaling, combine):
+def _chunk_norm(w_rows, a, b_rows, gram, wsq, scaling, paths):
     """One chunk's norms; its fp32 temporaries die on return, before the next chunk's W rows are upcast."""
-    if a is None and wsq is not None:
-        return torch.sqrt(wsq.clamp_min(0.0))
-    w_c = w_rows.float()
-    if wsq is None:
-        wsq = _row_sq(w_c)
+    combine, product = paths
     if a is None:
-        return torch.sqrt(wsq.clamp_min(0.0))
-    return combine(w_c @ a.t(), b_rows.float(), gram, wsq, scaling)
+        return torch.sqrt((_row_sq(w_rows.float()) if wsq is None else wsq).clamp_min(0.0))
+    u, row_sq = product(w_rows, a, wsq is None)
+    return combine(u, b_rows.float(), gram, row_sq if wsq is None else wsq, scaling)
+
+
+def weight_lora_product_torch(w_rows, a, with_row_sq: bool):
+    """Twin of the kernel: ``U = W_c A^T`` and, if asked, ``||W_c||^2`` per row, from one fp32 copy of the rows.
+
+    Args:
+        w_rows: W_c, (c, d_in), any float dtype, or rows of a row source; a: A, fp32 (r, d_in).
+        with_row_sq: whether to return the rows' squared norms.
+
+    Returns:
+        (U fp32 (c, r), ``||W_c||^2`` fp32 (c,) or None).
+    """
+    w_c = w_rows.float()
+    return w_c @ a.t(), (_row_sq(w_c) if with_row_sq else None)
+
+
+def weight_lora_product_triton(w_rows, a, with_row_sq: bool):
+    """``weight_lora_product_torch`` as one Triton GEMM that reads W in its own dtype and strides (a bf16 W once, at
+    2 B per element, never upcast in memory), upcasts tiles in registers and accumulates in fp32 (``tl.dot``,
+    ``input_precision="ieee"``: no TF32), with the rows' squared norms from the same tiles. Same contract; agrees
+    with the twin to fp32 rounding (another summation order)."""
+    if triton is None:
+        raise RuntimeError("weight_lora_product_triton needs triton; install it or set HF_EXT_DISABLE_TRITON=1.")
+    n_rows, d_in = w_rows.shape
+    rank = a.shape[0]
+    a = a.float().contiguous()
+    u = torch.empty(n_rows, rank, dtype=torch.float32, device=a.device)
+    row_sq = torch.empty(n_rows, dtype=torch.float32, device=a.device) if with_row_sq else u
+    if n_rows and rank:
+        block_r = min(PRODUCT_BLOCK_R, max(16, triton.next_power_of_2(rank)))
+        grid = (triton.cdiv(n_rows, BLOCK_M) * triton.cdiv(rank, block_r),)
+        _weight_lora_product_kernel[grid](
+            w_rows, a, u, row_sq, n_rows, d_in, rank, w_rows.stride(0), w_rows.stride(1),
+            ROW_SQ=with_row_sq, BLOCK_M=BLOCK_M, BLOCK_K=PRODUCT_BLOCK_K, BLOCK_R=block_r,
+        )  # fmt: skip
+    return u, (row_sq if with_row_sq else None)
 
 
 def combine_rows_torch(u, b, gram, wsq, scaling: float) -> torch.Tensor:
@@ -236,3 +279,30 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         wsq = tl.load(wsq_ptr + rows, mask=row_ok, other=0.0)
         sq = tl.maximum(wsq + two_s * cross + s_sq * gram_term, 0.0)
         tl.store(out_ptr + rows, tl.math.sqrt_rn(sq), mask=row_ok)
+
+    @triton.jit
+    def _weight_lora_product_kernel(
+        w_ptr, a_ptr, u_ptr, row_sq_ptr, n_rows, d_in, rank, stride_row, stride_col,
+        ROW_SQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):  # fmt: skip
+        rank_blocks = tl.cdiv(rank, BLOCK_R)  # neighbouring programs share W rows: they meet in L2
+        row_block, rank_block = tl.program_id(0) // rank_blocks, tl.program_id(0) % rank_blocks
+        rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        ks = rank_block * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok, k_ok = rows < n_rows, ks < rank
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c0 in range(0, d_in, BLOCK_K):
+            cols = c0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < d_in
+            w_offsets = rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col
+            w = tl.load(w_ptr + w_offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            a_tile = tl.load(
+                a_ptr + ks[:, None] * d_in + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0
+            )
+            acc += tl.dot(w, tl.trans(a_tile), input_precision="ieee")
+            if ROW_SQ:
+                sq += tl.sum(w * w, axis=1)
+        tl.store(u_ptr + rows[:, None] * rank + ks[None, :], acc, mask=row_ok[:, None] & k_ok[None, :])
+        if ROW_SQ:
+            tl.store(row_sq_ptr + rows, sq, mask=row_ok)  # each rank block has the same sums: any store wins

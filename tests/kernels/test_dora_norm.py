@@ -214,6 +214,28 @@ def test_interpreted_kernel_matches_torch_twin(n_rows, rank):
 
 
 @interpreted
+@pytest.mark.parametrize("n_rows, d_in, rank", [(1, 5, 1), (45, 100, 8), (70, 129, 130), (33, 64, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_interpreted_product_kernel_matches_float64(n_rows, d_in, rank, dtype, transposed):
+    """U = W A^T and ||W||^2 from W in its own dtype (a transposed view: GPT-2's Conv1D), against fp64 of the same
+    values: fp32 accumulation of exact products, so a few fp32 ulps of the sum of magnitudes; ranks above one
+    program's (130 > 64) run side by side."""
+    gen = torch.Generator().manual_seed(rank)
+    w = torch.randn(d_in, n_rows, generator=gen).to(dtype).t() if transposed else torch.randn(n_rows, d_in).to(dtype)
+    a = torch.randn(rank, d_in, generator=gen)
+    u, row_sq = dora_norm.weight_lora_product_triton(w, a, True)
+    w64 = w.double()
+    bound_u = 1e-6 * (w64.abs() @ a.double().abs().t())
+    assert ((u.double() - w64 @ a.double().t()).abs() <= bound_u).all()
+    torch.testing.assert_close(row_sq.double(), (w64 * w64).sum(1), rtol=1e-6, atol=0)
+    twin_u, twin_sq = dora_norm.weight_lora_product_torch(w, a, True)
+    torch.testing.assert_close(u, twin_u, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(row_sq, twin_sq, rtol=1e-6, atol=0)
+    assert dora_norm.weight_lora_product_triton(w, a, False)[1] is None
+
+
+@interpreted
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 def test_interpreted_dispatch_through_the_kernel_matches_reference(monkeypatch, fan_in_fan_out):
     """Force the Triton branch of factored_row_norm on CPU tensors, with several chunks and a bf16 weight."""
