@@ -11,7 +11,16 @@
    hf_ext/kernels/cpu_library.py. */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+#ifdef __FLT16_MAX__ /* the compiler has _Float16 (gcc >= 12, clang >= 15 on x86); without it fp16 takes the twin */
+#define HAS_FP16 1
+#else
+#define HAS_FP16 0
+#endif
+
+int adamw4bit_has_fp16(void) { return HAS_FP16; }
 
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
 enum { V_BLOCK = 0, V_RANK1 = 1, V_GIVEN = 2 };
@@ -28,15 +37,18 @@ static void load_fp32(const void *src, int dtype, int64_t start, int64_t n, floa
             memcpy(dst + i, &bits, sizeof(bits));
         }
     } else {
+#if HAS_FP16
         const _Float16 *s = (const _Float16 *)src + start;
         for (int64_t i = 0; i < n; i++) dst[i] = (float)s[i];
+#endif
     }
 }
 
 static void store_param(void *dst, int dtype, int64_t start, int64_t n, const float *src) {
     if (dtype == DTYPE_F32) {
         memcpy((float *)dst + start, src, (size_t)n * sizeof(float));
-    } else if (dtype == DTYPE_BF16) { /* round to nearest even, NaN to 0x7FC0: torch's fp32 -> bf16 */
+    } else if (dtype == DTYPE_BF16) { /* round to nearest even (torch's fp32 -> bf16 for finite values; NaN goes to
+                                         0x7FC0, where torch's own bits depend on the CPU's vector extensions) */
         uint16_t *d = (uint16_t *)dst + start;
         for (int64_t i = 0; i < n; i++) {
             uint32_t bits;
@@ -44,18 +56,24 @@ static void store_param(void *dst, int dtype, int64_t start, int64_t n, const fl
             d[i] = src[i] != src[i] ? 0x7FC0 : (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
         }
     } else {
+#if HAS_FP16
         _Float16 *d = (_Float16 *)dst + start;
         for (int64_t i = 0; i < n; i++) d[i] = (_Float16)src[i];
+#endif
     }
 }
 
 static inline float min2(float a, float b) { return b < a ? b : a; }
 
-/* The number of the 15 midpoints strictly below each x: the nearest code, ties to the lower one. */
+/* The larger of a running maximum and x, NaN once either is NaN (torch's amax propagates NaN). */
+static inline float max_nan(float running, float x) { return (x > running || x != x) ? x : running; }
+
+/* The number of the 15 midpoints strictly below each x: the nearest code, ties to the lower one; a NaN (0/0 of an
+   overflowed block) is above all of them, code 15, as torch.searchsorted places it. */
 static void nearest_codes(const float *x, int64_t n, const float *midpoints, uint8_t *codes) {
     for (int64_t i = 0; i < n; i++) {
         int code = 0;
-        for (int k = 0; k < 15; k++) code += x[i] > midpoints[k];
+        for (int k = 0; k < 15; k++) code += !(x[i] <= midpoints[k]);
         codes[i] = (uint8_t)code;
     }
 }
@@ -91,15 +109,19 @@ static void rank1_scales(const float *row, const float *col, int64_t n_cols, int
 /* Step blocks [block_begin, block_end) of one parameter of numel elements, in place.
    v_mode V_BLOCK: v codes with block scales v_absmax; V_RANK1: v codes with the old rank-1 statistics old_row,
    old_col and the new ones new_row, new_col (computed before, by adamw4bit_rank1_stats); V_GIVEN: v_given is this
-   step's v (fp32, numel), and no v state is read or written. scalars: the 7 floats of StepScalars, in its order. */
-void adamw4bit_blocks(void *param, int param_dtype, const void *grad, int grad_dtype, uint8_t *m_codes,
+   step's v (fp32, numel), and no v state is read or written. scalars: the 7 floats of StepScalars, in its order.
+   block_size is even. Returns 0, or -1 when the scratch buffers (26 bytes per block element) cannot be allocated. */
+int adamw4bit_blocks(void *param, int param_dtype, const void *grad, int grad_dtype, uint8_t *m_codes,
                       float *m_absmax, uint8_t *v_codes, float *v_absmax, const float *old_row, const float *old_col,
                       const float *new_row, const float *new_col, const float *v_given, const float *de,
                       const float *de_mid, const float *lin, const float *lin_mid, int64_t numel,
                       int64_t block_begin, int64_t block_end, int block_size, int64_t n_cols, int v_mode,
                       const float *s) {
-    float p[block_size], g[block_size], m[block_size], v[block_size], scale[block_size], x_hat[block_size];
-    uint8_t m_q[block_size], v_q[block_size];
+    float *scratch = malloc((size_t)block_size * (6 * sizeof(float) + 2));
+    if (scratch == NULL) return -1;
+    float *p = scratch, *g = p + block_size, *m = g + block_size, *v = m + block_size, *scale = v + block_size;
+    float *x_hat = scale + block_size;
+    uint8_t *m_q = (uint8_t *)(x_hat + block_size), *v_q = m_q + block_size;
     for (int64_t b = block_begin; b < block_end; b++) {
         int64_t e0 = b * block_size, byte0 = e0 / 2;
         int n = numel - e0 < block_size ? (int)(numel - e0) : block_size;
@@ -129,16 +151,13 @@ void adamw4bit_blocks(void *param, int param_dtype, const void *grad, int grad_d
         for (int i = n; i < block_size; i++) m[i] = v[i] = 0.0f; /* the zero padding of the last block */
 
         float m_max = 0.0f;
-        for (int i = 0; i < block_size; i++) {
-            float a = m[i] < 0.0f ? -m[i] : m[i];
-            m_max = a > m_max ? a : m_max;
-        }
+        for (int i = 0; i < block_size; i++) m_max = max_nan(m_max, m[i] < 0.0f ? -m[i] : m[i]);
         quantize_block(m, block_size, m_max, de_mid, x_hat, m_q);
         pack(m_q, n_bytes, m_codes + byte0);
         m_absmax[b] = m_max;
         if (v_mode == V_BLOCK) {
             float v_max = 0.0f;
-            for (int i = 0; i < block_size; i++) v_max = v[i] > v_max ? v[i] : v_max;
+            for (int i = 0; i < block_size; i++) v_max = max_nan(v_max, v[i]);
             quantize_block(v, block_size, v_max, lin_mid, x_hat, v_q);
             v_absmax[b] = v_max;
         } else if (v_mode == V_RANK1) {
@@ -149,11 +168,13 @@ void adamw4bit_blocks(void *param, int param_dtype, const void *grad, int grad_d
         }
         if (v_mode != V_GIVEN) pack(v_q, n_bytes, v_codes + byte0);
     }
+    free(scratch);
+    return 0;
 }
 
 /* Row and column maxima of the new rank-1 v over rows [row_begin, row_end) of an (n_rows, n_cols) parameter:
-   new_row[r] for those rows, and col_max (n_cols, zeroed by the caller) for this range's columns maxima. */
-void adamw4bit_rank1_stats(const void *grad, int grad_dtype, const uint8_t *v_codes, const float *old_row,
+   new_row[r] for those rows, and col_max (n_cols, zeroed by the caller) for this range's columns maxima. Returns 0. */
+int adamw4bit_rank1_stats(const void *grad, int grad_dtype, const uint8_t *v_codes, const float *old_row,
                            const float *old_col, const float *lin, int64_t row_begin, int64_t row_end,
                            int64_t n_cols, float *new_row, float *col_max, const float *s) {
     float g[SEGMENT], v[SEGMENT];
@@ -169,10 +190,11 @@ void adamw4bit_rank1_stats(const void *grad, int grad_dtype, const uint8_t *v_co
                 v[i] = v[i] * s[BETA2] + (s[ONE_MINUS_BETA2] * g[i]) * g[i];
             }
             for (int64_t i = 0; i < n; i++) {
-                row_max = v[i] > row_max ? v[i] : row_max;
-                col_max[c0 + i] = v[i] > col_max[c0 + i] ? v[i] : col_max[c0 + i];
+                row_max = max_nan(row_max, v[i]);
+                col_max[c0 + i] = max_nan(col_max[c0 + i], v[i]);
             }
         }
         new_row[r] = row_max;
     }
+    return 0;
 }

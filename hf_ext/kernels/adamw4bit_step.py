@@ -40,6 +40,7 @@ import ctypes
 import dataclasses
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -307,14 +308,14 @@ def rank1_next_statistics_cpu(grad, v_codes, v_scales: list[torch.Tensor], scala
     rows, cols = old_row.numel(), old_col.numel()
     ranges = cpu_library.chunks(rows, max(1, CPU_CHUNK_ELEMENTS // max(cols, 1)))
     new_row, col_maxima = torch.empty_like(old_row), torch.zeros(len(ranges), cols)
-    scalar_array = _scalar_array(scalars)
+    tensors = [grad, v_codes, old_row, old_col, quant4.linear_map("cpu"), new_row, _scalar_array(scalars)]
+    g, codes, old_r, old_c, lin, new_r, scalar_array = _pointers(tensors)  # the tensors stay referenced here
 
     def call(index: int, begin: int, end: int) -> None:
-        library.adamw4bit_rank1_stats(
-            _ptr(grad), cpu_library.DTYPE_CODES[grad.dtype], _ptr(v_codes), _ptr(old_row), _ptr(old_col),
-            _ptr(quant4.linear_map("cpu")), begin, end, cols, _ptr(new_row), _ptr(col_maxima[index]),
-            _ptr(scalar_array),
-        )  # fmt: skip
+        _checked(library.adamw4bit_rank1_stats(
+            g, cpu_library.DTYPE_CODES[grad.dtype], codes, old_r, old_c, lin, begin, end, cols, new_r,
+            col_maxima[index].data_ptr(), scalar_array,
+        ))  # fmt: skip
 
     cpu_library.run_chunks(call, ranges)
     return [new_row, col_maxima.amax(dim=0)]
@@ -325,22 +326,28 @@ def _run_cpu_blocks(
     old_row=None, old_col=None, new_row=None, new_col=None, v_given=None,
 ) -> None:  # fmt: skip
     """``adamw4bit_blocks`` of the C kernel over all blocks of ``param``, in ranges on threads."""
+    if block_size < 2 or block_size % 2:
+        raise ValueError(f"the C kernel needs an even block_size >= 2, got {block_size}")
     library, numel = _cpu_kernel(param, grad), param.numel()
     n_cols = old_col.numel() if old_col is not None else 1
-    scalar_array = _scalar_array(scalars)
+    state = [m_codes, m_absmax, v_codes, v_absmax, old_row, old_col, new_row, new_col, v_given]
+    books = [quant4.dynamic_exponent_map("cpu"), _midpoints("de", param.device), quant4.linear_map("cpu")]
+    tensors = [param, grad, *state, *books, _midpoints("linear", param.device), _scalar_array(scalars)]
+    p, g, *addresses, scalar_array = _pointers(tensors)  # built here, once: the tensors stay referenced
 
     def call(_: int, begin: int, end: int) -> None:
-        library.adamw4bit_blocks(
-            _ptr(param), cpu_library.DTYPE_CODES[param.dtype], _ptr(grad), cpu_library.DTYPE_CODES[grad.dtype],
-            _ptr(m_codes), _ptr(m_absmax), _ptr(v_codes), _ptr(v_absmax), _ptr(old_row), _ptr(old_col),
-            _ptr(new_row), _ptr(new_col), _ptr(v_given), _ptr(quant4.dynamic_exponent_map("cpu")),
-            _ptr(_midpoints("de", param.device)), _ptr(quant4.linear_map("cpu")),
-            _ptr(_midpoints("linear", param.device)), numel, begin, end, block_size, n_cols, v_mode,
-            _ptr(scalar_array),
-        )  # fmt: skip
+        _checked(library.adamw4bit_blocks(
+            p, cpu_library.DTYPE_CODES[param.dtype], g, cpu_library.DTYPE_CODES[grad.dtype], *addresses,
+            numel, begin, end, block_size, n_cols, v_mode, scalar_array,
+        ))  # fmt: skip
 
     blocks = quant4.num_blocks(numel, block_size)
     cpu_library.run_chunks(call, cpu_library.chunks(blocks, max(1, CPU_CHUNK_ELEMENTS // block_size)))
+
+
+def _checked(status: int) -> None:
+    if status:
+        raise MemoryError("the 4-bit step's C kernel could not allocate its scratch buffers")
 
 
 def _cpu_kernel(param: torch.Tensor, grad: torch.Tensor):
@@ -350,25 +357,39 @@ def _cpu_kernel(param: torch.Tensor, grad: torch.Tensor):
     library = cpu_kernel(param, "adamw4bit_step")
     if library is not None and not getattr(library, "_hf_ext_typed", False):
         _declare_types(library)
+    if library is not None and torch.float16 in (param.dtype, grad.dtype) and not library.adamw4bit_has_fp16():
+        _warn_no_fp16()
+        return None
     return library
+
+
+@functools.cache
+def _warn_no_fp16() -> None:
+    warnings.warn(
+        "hf_ext kernel 'adamw4bit_step': the C compiler has no _Float16 (gcc >= 12 or clang >= 15 on x86 have it), "
+        "so fp16 tensors step with the pure-torch twin on the CPU (correct, slower); other dtypes use the C kernel.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _declare_types(library) -> None:
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     library.adamw4bit_blocks.argtypes = [ptr, i32, ptr, i32, *[ptr] * 13, i64, i64, i64, i32, i64, i32, ptr]
-    library.adamw4bit_blocks.restype = None
+    library.adamw4bit_blocks.restype = i32
     library.adamw4bit_rank1_stats.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
-    library.adamw4bit_rank1_stats.restype = None
+    library.adamw4bit_rank1_stats.restype = i32
+    library.adamw4bit_has_fp16.argtypes = []
+    library.adamw4bit_has_fp16.restype = i32
     library._hf_ext_typed = True
 
 
-def _ptr(tensor: torch.Tensor | None):
-    """The data pointer of a contiguous CPU tensor, or NULL."""
-    if tensor is None:
-        return None
-    if not tensor.is_contiguous() or tensor.device.type != "cpu":
-        raise ValueError("the C kernel needs contiguous CPU tensors")
-    return tensor.data_ptr()
+def _pointers(tensors: list[torch.Tensor | None]) -> list[int | None]:
+    """The data pointers of contiguous CPU tensors (None stays NULL); the caller keeps the tensors alive."""
+    for tensor in tensors:
+        if tensor is not None and (not tensor.is_contiguous() or tensor.device.type != "cpu"):
+            raise ValueError("the C kernel needs contiguous CPU tensors")
+    return [None if tensor is None else tensor.data_ptr() for tensor in tensors]
 
 
 def _scalar_array(s: StepScalars) -> torch.Tensor:
@@ -613,9 +634,9 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         v_hat = tl.math.div_rn(v, tl.where(new_scale > 0, new_scale, 1.0))
         m_q = tl.zeros((BLOCKS_PER_PROGRAM, BLOCK), dtype=tl.int32)
         v_q = tl.zeros((BLOCKS_PER_PROGRAM, BLOCK), dtype=tl.int32)
-        for k in tl.static_range(15):  # nearest code = number of midpoints strictly below (ties go down)
-            m_q += (m_hat > tl.load(de_mid_ptr + k)).to(tl.int32)
-            v_q += (v_hat > tl.load(lin_mid_ptr + k)).to(tl.int32)
+        for k in tl.static_range(15):  # nearest code = number of midpoints strictly below (ties go down; NaN: 15)
+            m_q += 1 - (m_hat <= tl.load(de_mid_ptr + k)).to(tl.int32)
+            v_q += 1 - (v_hat <= tl.load(lin_mid_ptr + k)).to(tl.int32)
         m_lo, m_hi = tl.split(tl.reshape(m_q, (BLOCKS_PER_PROGRAM, HALF, 2)))
         v_lo, v_hi = tl.split(tl.reshape(v_q, (BLOCKS_PER_PROGRAM, HALF, 2)))
         tl.store(m_codes_ptr + byte, (m_lo | (m_hi << 4)).to(tl.uint8), mask=byte_ok)

@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -71,10 +72,10 @@ def load_error(name: str) -> str | None:
 
 def _build_and_load(name: str) -> ctypes.CDLL:
     source = resources.files("hf_ext.kernels").joinpath(f"{name}.c").read_bytes()
-    compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        raise OSError(f"no C compiler {compiler!r} on PATH (set CC to one)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
+    compiler = shlex.split(os.environ.get("CC", "cc")) or ["cc"]  # CC may carry a wrapper: "ccache gcc"
+    if shutil.which(compiler[0]) is None:
+        raise OSError(f"no C compiler {compiler[0]!r} on PATH (set CC to one)")
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()]))
     library = cache_root() / "kernels" / f"{name}-{key.hexdigest()[:16]}.so"
     if not library.exists():
@@ -83,10 +84,10 @@ def _build_and_load(name: str) -> ctypes.CDLL:
             source_path, built = Path(tmp) / f"{name}.c", Path(tmp) / library.name
             source_path.write_bytes(source)
             result = subprocess.run(
-                [compiler, *FLAGS, str(source_path), "-o", str(built)], capture_output=True, text=True, timeout=300
+                [*compiler, *FLAGS, str(source_path), "-o", str(built)], capture_output=True, text=True, timeout=300
             )
             if result.returncode:
-                raise OSError(f"{compiler} failed to build {name}.c: {result.stderr.strip()[-2000:]}")
+                raise OSError(f"{compiler[0]} failed to build {name}.c: {result.stderr.strip()[-2000:]}")
             os.replace(built, library)  # atomic: concurrent ranks each build, one copy wins
     return ctypes.CDLL(str(library))
 
@@ -94,6 +95,9 @@ def _build_and_load(name: str) -> ctypes.CDLL:
 @functools.cache
 def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="hf_ext_cpu_kernel")
+
+
+os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has none of the pool's threads
 
 
 def chunks(total: int, min_chunk: int) -> list[tuple[int, int]]:

@@ -145,3 +145,19 @@ def empty_state(shape, rank1: bool):
     empty_u8, empty_f32 = torch.zeros(0, dtype=torch.uint8), torch.zeros(0)
     v_scales = [torch.zeros(0), torch.ones(shape[1])] if rank1 else [empty_f32.clone()]
     return [empty_u8, empty_f32, empty_u8.clone(), v_scales]
+
+
+@interpreted
+@pytest.mark.parametrize("shape, rank1", [((37, 300), True), ((5001,), False)])
+def test_interpreted_overflowing_v_takes_the_twins_codes(shape, rank1):
+    """Finite gradients so large that v overflows to inf: the block's inf/inf is NaN, code 15 as in
+    torch.searchsorted (a ``>`` count would give 0)."""
+    state = random_state(shape, rank1, 128, seed=6)
+    state_k = clone_state(state)
+    gen = torch.Generator().manual_seed(7)
+    param, grad = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen) * 1e25
+    param_k = param.clone()
+    scalars = fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    fused.adamw4bit_step_torch(param, grad, *state, scalars, 128, rank1)
+    fused.adamw4bit_step_triton(param_k, grad, *state_k, scalars, 128, rank1)
+    assert torch.equal(state_k[2], state[2]) and torch.equal(state_k[0], state[0])

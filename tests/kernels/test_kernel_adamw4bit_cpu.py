@@ -5,6 +5,8 @@ scales and rank-1 statistics are expected to be identical: the tolerance is 0. W
 ranges of blocks and rows; the small ``CPU_CHUNK_ELEMENTS`` of ``many_chunks`` makes every tensor here span several.
 """
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -214,3 +216,78 @@ def test_a_failing_build_says_what_the_compiler_said(tmp_path, monkeypatch):
         assert "failed to build adamw4bit_step.c: boom: bad flag" in cpu_library.load_error("adamw4bit_step")
     finally:
         cpu_library.load.cache_clear()
+
+
+FIRST_CALL = """
+import torch
+from hf_ext.kernels import adamw4bit_step as fused
+torch.manual_seed(1)
+torch.set_num_threads(2)
+n, block_size = 300_001, 128
+param, grad = torch.randn(n), torch.randn(n) * 0.1
+blocks = -(-n // block_size)
+state = [torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8), torch.rand(blocks),
+         torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8), [torch.rand(blocks)]]
+twin_state = [state[0].clone(), state[1].clone(), state[2].clone(), [state[3][0].clone()]]
+scalars = fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 0.01, 3)
+twin = param.clone()
+fused.adamw4bit_step_cpu(param, grad, *state, scalars, block_size, False)  # the process's first call, 2 threads
+fused.adamw4bit_step_torch(twin, grad, *twin_state, scalars, block_size, False)
+same = torch.equal(param, twin) and all(torch.equal(a, b) for a, b in zip(state[:3], twin_state[:3]))
+print("identical" if same and torch.equal(state[3][0], twin_state[3][0]) else "DIFFER")
+"""
+
+
+def test_the_first_threaded_call_of_a_process_equals_the_twin():
+    """Every thread gets the codebooks' addresses from the caller, which holds them: on a cold cache, building them
+    in each thread once left one thread reading a freed tensor (results differed run to run)."""
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", FIRST_CALL], capture_output=True, text=True, timeout=300)
+        assert done.stdout.strip() == "identical", done.stdout + done.stderr[-2000:]
+
+
+FORK = """
+import os, signal, threading
+from hf_ext.kernels import cpu_library
+both = threading.Barrier(2)
+cpu_library.run_chunks(lambda *_: both.wait(timeout=20), [(0, 1), (1, 2)])  # the parent's pool has 2 threads now
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)  # a child that inherited the parent's pool would wait forever for its threads
+    seen = []
+    cpu_library.run_chunks(lambda index, begin, end: seen.append(index), [(0, 1), (1, 2)])
+    os._exit(0 if sorted(seen) == [0, 1] else 1)
+_, status = os.waitpid(pid, 0)
+print("child ok" if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else f"child status {status}")
+"""
+
+
+def test_a_forked_child_gets_a_thread_pool_of_its_own():
+    done = subprocess.run([sys.executable, "-c", FORK], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "child ok", done.stdout + done.stderr[-2000:]
+
+
+def test_a_large_block_and_overflowing_moments_equal_the_twin():
+    """A block of 2^20 elements (scratch on the heap, not the stack) and gradients so large that v overflows to inf:
+    the 0/0 of the overflowed block is NaN, which takes code 15 in the C kernel as in torch.searchsorted."""
+    for block_size, shape, scale in ((1 << 20, ((1 << 20) + 3,), 0.1), (128, (37, 300), 1e25), (128, (5001,), 1e25)):
+        rank1 = len(shape) == 2
+        state = random_state(shape, rank1, block_size, seed=6)
+        state_c = clone_state(state)
+        gen = torch.Generator().manual_seed(7)
+        param, grad = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen) * scale
+        param_c = param.clone()
+        scalars = fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+        fused.adamw4bit_step_torch(param, grad, *state, scalars, block_size, rank1)
+        fused.adamw4bit_step_cpu(param_c, grad, *state_c, scalars, block_size, rank1)
+        for a, b in zip(state[:3] + state[3], state_c[:3] + state_c[3], strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(param_c.isnan(), param.isnan())
+        assert torch.equal(param_c.nan_to_num(), param.nan_to_num())
+
+
+def test_an_odd_block_size_is_refused():
+    state = random_state((300,), False, 128, seed=1)
+    with pytest.raises(ValueError, match="even block_size >= 2, got 3"):
+        fused.adamw4bit_step_cpu(torch.randn(300), torch.randn(300), *state, fused.StepScalars.from_group(
+            1e-3, 0.9, 0.999, 1e-8, 0.0, 1), 3, False)  # fmt: skip
