@@ -26,7 +26,9 @@ def test_cpu_quick_mode_runs_every_step_and_writes_the_report(tmp_path):
     checks = re.search(r"(\d+) of (\d+) checks within their bounds", text)
     assert checks is not None and checks[1] == checks[2] and int(checks[2]) > 30, text[-2000:]
     assert "- python " in text and "torch " in text and "- command: `bash benchmarks/gpu/run.sh" in text
-    assert text.count("\n## speed") == 2 and "| hf_ext_adamw_4bit |" in text
+    assert text.count("\n## speed") == 3 and "| hf_ext_adamw_4bit |" in text
+    for method in ("LoRA", "fast DoRA", "ALLoRA", "torch AdamW", "hf_ext_adamw_4bit"):  # the SFT steps, finite loss
+        assert re.search(rf"^\| {method} \| [\d.]+ M \| [\d.]+ \| - \| yes \|$", text, re.MULTILINE), method
 
 
 def test_a_bad_step_name_is_refused(tmp_path):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Everything hf_ext proves on a GPU, in one call: correctness of the three Triton kernels (against their torch twins
-# and fp64), then speed and memory against the anchors measured in the same run. Writes one report,
+# Everything hf_ext proves on a GPU, in one call: correctness of the Triton kernels (against their torch twins and
+# fp64), then speed and memory against the anchors measured in the same run (the DoRA layer, the 4-bit step, and one
+# SFT step of a random-init 0.5 B Qwen2 with each method: benchmarks/gpu/sft_step.py). Writes one report,
 # gpu_<device>_<date>.md, with the device, versions, command, date and every table.
 #
 #   bash benchmarks/gpu/run.sh                        # on a GPU machine; the report goes to $OUT (or benchmarks/results)
@@ -83,9 +84,11 @@ run_step correctness python benchmarks/gpu/check_kernels.py --device "$device" $
 if [ -n "$quick" ]; then
   run_step speed python benchmarks/bench_dora.py --device "$device" --dims 64 --ranks 4 --dtypes fp32 --repeats 1 --step_ranks
   run_step speed python benchmarks/bench_optim.py --device "$device" --scale 1 --timed_steps 1 --steps 2 --seeds 0
+  run_step speed python benchmarks/gpu/sft_step.py --device "$device" --quick --steps 1
 else
   run_step speed python benchmarks/bench_dora.py --device "$device" --dims 4096 --ranks 16 384 --dtypes bf16
   run_step speed python benchmarks/bench_optim.py --device "$device"
+  run_step speed python benchmarks/gpu/sft_step.py --device "$device"
 fi
 echo "report: $report"
 exit "$status"
