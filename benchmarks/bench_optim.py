@@ -5,15 +5,18 @@ Three tables, each with the anchors measured beside ours:
    (goals: <= 1.05 for hf_ext_adamw_4bit, <= 0.55 for hf_ext_adamw_4bit_factor);
 2. median step time on the same parameters, as a ratio to torch AdamW (fused where the device has it) and to
    bitsandbytes AdamW8bit, all stepped in turn (goal: no slower than AdamW8bit, CPU and GPU; on CPU the 4-bit step
-   is the C kernel, whose build time, its first-call cost, is reported);
+   is the C kernel, whose build time, its first-call cost, is reported), and the bandwidth each step's time implies
+   for the bytes it must move (p, g and the state), against the GPU's peak where torch reports it; ``--decoder_1b``
+   times a whole 1.2 B-parameter decoder's shapes instead of one block;
 3. final training loss of a short full fine-tune of the embedded default on its task, 3 seeds
    (goal: within 1% of fp32 AdamW; 25 steps, while the loss still moves, so 1% is above seed noise).
 
-    python benchmarks/bench_optim.py [--device cuda] [--steps 200] [--out benchmarks/results/bench_optim_cpu.md]
+    python benchmarks/bench_optim.py [--device cuda [--decoder_1b]] [--steps 200] [--out FILE.md]
 """
 
 import argparse
 import datetime
+import functools
 import importlib.metadata
 import os
 import platform
@@ -60,13 +63,35 @@ def llama_like_params(device: str, scale: int) -> list[torch.nn.Parameter]:
     """One decoder block's shapes at hidden size 1024 * scale / 4 (q, k, v, o, gate, up, down, 2 norms)."""
     hidden = 256 * scale
     shapes = [(hidden, hidden)] * 4 + [(4 * hidden, hidden)] * 2 + [(hidden, 4 * hidden), (hidden,), (hidden,)]
-    generator = torch.Generator().manual_seed(0)
-    return [torch.nn.Parameter(torch.randn(shape, generator=generator).to(device)) for shape in shapes]
+    return random_params(shapes, device)
+
+
+def decoder_1b_params(device: str) -> list[torch.nn.Parameter]:
+    """The shapes of a 1.2 B-parameter LLaMA-like decoder (hidden 2048, 16 layers, grouped kv 512, MLP 8192, a tied
+    128256-token embedding)."""
+    hidden, kv, mlp = 2048, 512, 8192
+    layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (mlp, hidden), (mlp, hidden)]
+    layer += [(hidden, mlp), (hidden,), (hidden,)]
+    return random_params([(128256, hidden), *layer * 16, (hidden,)], device)
+
+
+def random_params(shapes, device: str) -> list[torch.nn.Parameter]:
+    generator = torch.Generator(device=device).manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator, device=device)) for shape in shapes]
 
 
 def fake_gradients(params, generator):
     for p in params:
-        p.grad = torch.randn(p.shape, generator=generator).to(p.device) * 1e-2
+        p.grad = torch.randn(p.shape, generator=generator, device=p.device) * 1e-2
+
+
+def peak_bandwidth_gbs(device: str) -> float | None:
+    """The GPU's DRAM bandwidth from its memory clock and bus width (double data rate), where torch reports them."""
+    if device != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(0)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
 
 
 def build_ms(device: str) -> float | None:
@@ -82,18 +107,24 @@ def build_ms(device: str) -> float | None:
     return elapsed
 
 
-def memory_and_speed(factories: dict, device: str, scale: int, steps: int) -> list[str]:
+def memory_and_speed(factories: dict, device: str, shapes, steps: int, label: str) -> list[str]:
     """State bytes and median step time of every optimizer, stepping them in turn (interleaved) on copies of the
-    same parameters and gradients; returns the table's lines."""
-    lines = [f"## state bytes per parameter and step time (device={device}, hidden {256 * scale}, interleaved)"]
+    same parameters and gradients (``shapes(device)``), and the bandwidth that time implies for the bytes a step
+    must move at least (read p, g and the state, write p and the state); returns the table's lines."""
+    lines = [f"## state bytes per parameter and step time (device={device}, {label}, interleaved)"]
     built = build_ms(device)
     if built is not None:
         lines.append(f"hf_ext's C kernel built in {built:.0f} ms (first call on a machine; cached afterwards)")
-    lines += ["| optimizer | state B/param | step ms | vs torch AdamW | vs AdamW8bit |", "|---|---:|---:|---:|---:|"]
+    peak = peak_bandwidth_gbs(device)
+    lines.append(f"peak DRAM bandwidth: {f'{peak:.0f} GB/s' if peak else 'not reported by torch here'}")
+    lines += [
+        "| optimizer | state B/param | step ms | vs torch AdamW | vs AdamW8bit | GB/s (p, g, state) | of peak |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     runs = {}
     for name, factory in factories.items():
-        params = llama_like_params(device, scale)
-        runs[name] = (params, factory(params, 1e-4), torch.Generator().manual_seed(1))
+        params = shapes(device)
+        runs[name] = (params, factory(params, 1e-4), torch.Generator(device=device).manual_seed(1))
     times = {name: [] for name in runs}
     for step in range(steps + 2):
         for name, (params, optimizer, generator) in runs.items():
@@ -104,11 +135,16 @@ def memory_and_speed(factories: dict, device: str, scale: int, steps: int) -> li
     results = {}
     for name, (params, optimizer, _) in runs.items():
         numel = sum(p.numel() for p in params)
-        results[name] = (state_nbytes(optimizer) / numel, statistics.median(times[name]))
+        state = state_nbytes(optimizer)
+        moved = sum(2 * p.nbytes + p.grad.nbytes for p in params) + 2 * state
+        results[name] = (state / numel, statistics.median(times[name]), moved)
     reference = next(iter(results.values()))[1]
     int8 = results.get("bitsandbytes AdamW8bit", (None, float("nan")))[1]
-    for name, (bytes_per_param, ms) in results.items():
-        lines.append(f"| {name} | {bytes_per_param:.3f} | {ms:.2f} | {ms / reference:.2f} | {ms / int8:.2f} |")
+    for name, (bytes_per_param, ms, moved) in results.items():
+        gbs = moved / (ms * 1e-3) / 1e9
+        share = f"{gbs / peak:.0%}" if peak else "-"
+        ratios = f"{ms / reference:.2f} | {ms / int8:.2f}"
+        lines.append(f"| {name} | {bytes_per_param:.3f} | {ms:.2f} | {ratios} | {gbs:.0f} | {share} |")
     return lines
 
 
@@ -180,7 +216,8 @@ def cpu_model() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--scale", type=int, default=4, help="hidden size = 256 * scale")
+    parser.add_argument("--scale", type=int, default=4, help="hidden size = 256 * scale (one decoder block)")
+    parser.add_argument("--decoder_1b", action="store_true", help="time a whole 1.2 B decoder's shapes instead")
     parser.add_argument("--timed_steps", type=int, default=10)
     parser.add_argument(
         "--steps", type=int, default=25, help="fine-tune steps (few enough that the loss is still falling)"
@@ -190,7 +227,14 @@ def main() -> None:
     cli = parser.parse_args()
     factories = anchors(cli.device)
     lines = header(cli.device) + [""]
-    lines += memory_and_speed(factories, cli.device, cli.scale, cli.timed_steps) + [""]
+    if cli.decoder_1b:
+        shapes, label = decoder_1b_params, "a 1.2 B-parameter decoder's shapes"
+    else:
+        shapes, label = (
+            functools.partial(llama_like_params, scale=cli.scale),
+            f"decoder block, hidden {256 * cli.scale}",
+        )
+    lines += memory_and_speed(factories, cli.device, shapes, cli.timed_steps, label) + [""]
     lines += fine_tune_quality(factories, cli.device, cli.steps, cli.seeds)
     print("\n".join(lines))
     if cli.out:

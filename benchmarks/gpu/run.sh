@@ -87,7 +87,7 @@ if [ -n "$quick" ]; then
   run_step speed python benchmarks/gpu/sft_step.py --device "$device" --quick --steps 1
 else
   run_step speed python benchmarks/bench_dora.py --device "$device" --dims 4096 --ranks 16 384 --dtypes bf16
-  run_step speed python benchmarks/bench_optim.py --device "$device"
+  run_step speed python benchmarks/bench_optim.py --device "$device" --decoder_1b --timed_steps 5 --seeds 0 1 2
   run_step speed python benchmarks/gpu/sft_step.py --device "$device"
 fi
 echo "report: $report"
