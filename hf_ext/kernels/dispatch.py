@@ -33,20 +33,15 @@ def use_triton(tensor: torch.Tensor, kernel: str) -> bool:
     if not tensor.is_cuda or triton_disabled():
         return False
     if triton is None:
-        _warn_no_triton(kernel)
+        _warn_twin_runs(
+            kernel,
+            "CUDA",
+            f"Triton is unavailable ({TRITON_IMPORT_ERROR!r})",
+            "Install a Triton that matches torch (`pip install triton`)",
+            "HF_EXT_DISABLE_TRITON",
+        )
         return False
     return True
-
-
-@functools.cache
-def _warn_no_triton(kernel: str) -> None:
-    warnings.warn(
-        f"hf_ext kernel {kernel!r}: Triton is unavailable ({TRITON_IMPORT_ERROR!r}), so its pure-torch twin runs on "
-        "CUDA (correct, slower). Install a Triton that matches torch (`pip install triton`), or set "
-        "HF_EXT_DISABLE_TRITON=1 to choose the twin and silence this warning.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
 
 
 def cpu_kernel(tensor: torch.Tensor, kernel: str):
@@ -56,16 +51,22 @@ def cpu_kernel(tensor: torch.Tensor, kernel: str):
         return None
     library = cpu_library.load(kernel)
     if library is None:
-        _warn_no_cpu_kernel(kernel)
+        _warn_twin_runs(
+            kernel,
+            "the CPU",
+            f"its C version could not be built ({cpu_library.load_error(kernel)})",
+            "Install a C compiler (gcc or clang, or set CC)",
+            "HF_EXT_DISABLE_CPU_KERNELS",
+        )
     return library
 
 
 @functools.cache
-def _warn_no_cpu_kernel(kernel: str) -> None:
+def _warn_twin_runs(kernel: str, where: str, reason: str, remedy: str, switch: str) -> None:
+    """Say once per kernel and cause that its pure-torch twin runs where a faster version was expected."""
     warnings.warn(
-        f"hf_ext kernel {kernel!r}: its C version could not be built ({cpu_library.load_error(kernel)}), so its "
-        "pure-torch twin runs on the CPU (correct, slower). Install a C compiler (gcc or clang, or set CC), or set "
-        "HF_EXT_DISABLE_CPU_KERNELS=1 to choose the twin and silence this warning.",
+        f"hf_ext kernel {kernel!r}: {reason}, so its pure-torch twin runs on {where} (correct, slower). {remedy}, or "
+        f"set {switch}=1 to choose the twin and silence this warning.",
         RuntimeWarning,
         stacklevel=3,
     )

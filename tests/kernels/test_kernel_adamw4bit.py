@@ -79,18 +79,28 @@ def test_interpreted_optimizer_through_the_kernel_equals_the_twin(monkeypatch):
     runs = []
     for force in (False, True):
         monkeypatch.setattr(fused, "use_triton", lambda tensor, kernel, force=force: force)
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
-        opt = AdamW4bit(params)
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.step()
-        runs.append((params, opt))
-    (twin_params, twin_opt), (kernel_params, kernel_opt) = runs
-    for a, b in zip(twin_params, kernel_params, strict=True):
+        runs.append(optimizer_run(AdamW4bit, shapes))
+    assert_runs_equal(*runs)
+
+
+def optimizer_run(optimizer, shapes, dtype=torch.float32, steps=3, **kwargs):
+    """(params, optimizer) after ``steps`` steps on seeded random parameters of ``shapes`` and gradients."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+    opt = optimizer(params, **kwargs)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        opt.step()
+    return params, opt
+
+
+def assert_runs_equal(run_a, run_b) -> None:
+    """The two runs' parameters and every state entry are identical."""
+    (params_a, opt_a), (params_b, opt_b) = run_a, run_b
+    for a, b in zip(params_a, params_b, strict=True):
         assert torch.equal(a, b)
-        assert all(torch.equal(twin_opt.state[a][k], kernel_opt.state[b][k]) for k in twin_opt.state[a])
+        assert all(torch.equal(opt_a.state[a][k], opt_b.state[b][k]) for k in opt_a.state[a])
 
 
 class CountingLaunches:

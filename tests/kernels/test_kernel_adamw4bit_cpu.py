@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from test_kernel_adamw4bit import clone_state, random_state
+from test_kernel_adamw4bit import assert_runs_equal, clone_state, optimizer_run, random_state
 
 from hf_ext.kernels import adamw4bit_step as fused
 from hf_ext.kernels import cpu_library, dispatch
@@ -136,18 +136,8 @@ def test_optimizer_through_the_c_kernel_equals_the_twin(optimizer, monkeypatch):
     runs = []
     for disabled in ("1", "0"):
         monkeypatch.setenv("HF_EXT_DISABLE_CPU_KERNELS", disabled)
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.randn(s, generator=gen).to(torch.bfloat16).requires_grad_() for s in shapes]
-        opt = optimizer(params, lr=1e-2, weight_decay=0.1)
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
-            opt.step()
-        runs.append((params, opt))
-    (twin_params, twin_opt), (c_params, c_opt) = runs
-    for a, b in zip(twin_params, c_params, strict=True):
-        assert torch.equal(a, b)
-        assert all(torch.equal(twin_opt.state[a][k], c_opt.state[b][k]) for k in twin_opt.state[a])
+        runs.append(optimizer_run(optimizer, shapes, torch.bfloat16, lr=1e-2, weight_decay=0.1))
+    assert_runs_equal(*runs)
 
 
 def test_chunks_cover_the_range_once():
@@ -180,7 +170,7 @@ def test_without_a_compiler_the_twin_runs_with_one_warning(tmp_path, monkeypatch
     monkeypatch.setenv("HF_EXT_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "no-such-compiler-hf-ext")
     cpu_library.load.cache_clear()
-    dispatch._warn_no_cpu_kernel.cache_clear()
+    dispatch._warn_twin_runs.cache_clear()
     try:
         shape = (5, 123)
         state = random_state(shape, True, 128, seed=1)
@@ -199,7 +189,7 @@ def test_without_a_compiler_the_twin_runs_with_one_warning(tmp_path, monkeypatch
             fused.adamw4bit_step_cpu(param, grad, *state, scalars, 128, True)
     finally:
         cpu_library.load.cache_clear()
-        dispatch._warn_no_cpu_kernel.cache_clear()
+        dispatch._warn_twin_runs.cache_clear()
 
 
 def test_a_failing_build_says_what_the_compiler_said(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ def test_cuda_without_triton_warns_once_per_kernel_naming_it(monkeypatch):
     monkeypatch.setattr(dispatch, "triton", None)
     monkeypatch.setattr(dispatch, "TRITON_IMPORT_ERROR", ImportError("libcuda.so.1: cannot open shared object file"))
     monkeypatch.delenv("HF_EXT_DISABLE_TRITON", raising=False)
-    dispatch._warn_no_triton.cache_clear()
+    dispatch._warn_twin_runs.cache_clear()
     cuda_tensor = types.SimpleNamespace(is_cuda=True)  # use_triton reads only .is_cuda
     with pytest.warns(RuntimeWarning, match=r"'adamw4bit_step'.*libcuda\.so\.1.*HF_EXT_DISABLE_TRITON=1"):
         assert not dispatch.use_triton(cuda_tensor, "adamw4bit_step")
@@ -31,4 +31,4 @@ def test_cuda_without_triton_warns_once_per_kernel_naming_it(monkeypatch):
         assert not dispatch.use_triton(cuda_tensor, "adamw4bit_step")  # once per kernel
     with pytest.warns(RuntimeWarning, match="'dora_norm'"):
         dispatch.use_triton(cuda_tensor, "dora_norm")
-    dispatch._warn_no_triton.cache_clear()
+    dispatch._warn_twin_runs.cache_clear()
