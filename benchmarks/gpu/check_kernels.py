@@ -157,9 +157,13 @@ def check_rank1_statistics(device, dtype, shape, label):
     grad = grad.reshape(v_scales[0].numel(), -1)
     scalars = fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 1e-2, 2)
     want = fused.rank1_next_statistics(grad, v_codes, v_scales, scalars)
-    got = fused.rank1_next_statistics_triton(grad, v_codes, v_scales, scalars)
+    got, grad_max = fused.rank1_next_statistics_triton(grad, v_codes, v_scales, scalars)
     error = max(relative(a, b) for a, b in zip(got, want, strict=True))
     record("adamw4bit rank-1 statistics pass vs twin (max rel)", label, error, 0.0 if device == "cpu" else 1e-6)
+    record("adamw4bit rank-1 pass: largest |g| (abs error)", label, (grad_max - grad.abs().max()).abs().item(), 0.0)
+    grad.view(-1)[-1] = float("nan")
+    nan_max = fused.rank1_next_statistics_triton(grad, v_codes, v_scales, scalars)[1]
+    record("adamw4bit rank-1 pass: NaN g missed (1 = missed)", label, float(nan_max.isfinite().item()), 0.0)
 
 
 def check_many_tensors(device, dtype, quick: bool):

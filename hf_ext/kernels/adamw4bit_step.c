@@ -173,11 +173,12 @@ int adamw4bit_blocks(void *param, int param_dtype, const void *grad, int grad_dt
 }
 
 /* Row and column maxima of the new rank-1 v over rows [row_begin, row_end) of an (n_rows, n_cols) parameter:
-   new_row[r] for those rows, and col_max (n_cols, zeroed by the caller) for this range's columns maxima. Returns 0. */
+   new_row[r] for those rows, col_max (n_cols, zeroed by the caller) for this range's column maxima, and *grad_max
+   the largest |g| of the range (NaN when one is NaN). Returns 0. */
 int adamw4bit_rank1_stats(const void *grad, int grad_dtype, const uint8_t *v_codes, const float *old_row,
                            const float *old_col, const float *lin, int64_t row_begin, int64_t row_end,
-                           int64_t n_cols, float *new_row, float *col_max, const float *s) {
-    float g[SEGMENT], v[SEGMENT];
+                           int64_t n_cols, float *new_row, float *col_max, float *grad_max, const float *s) {
+    float g[SEGMENT], v[SEGMENT], g_max = 0.0f;
     for (int64_t r = row_begin; r < row_end; r++) {
         float row_max = 0.0f;
         for (int64_t c0 = 0; c0 < n_cols; c0 += SEGMENT) {
@@ -192,9 +193,11 @@ int adamw4bit_rank1_stats(const void *grad, int grad_dtype, const uint8_t *v_cod
             for (int64_t i = 0; i < n; i++) {
                 row_max = max_nan(row_max, v[i]);
                 col_max[c0 + i] = max_nan(col_max[c0 + i], v[i]);
+                g_max = max_nan(g_max, g[i] < 0.0f ? -g[i] : g[i]);
             }
         }
         new_row[r] = row_max;
     }
+    *grad_max = g_max;
     return 0;
 }

@@ -20,8 +20,9 @@ are these element-wise ops; the optimizer's fp32-state and factored paths call t
   dequantizes, updates, writes the parameter and requantizes in one pass. Block-wise v is done fully in the kernel;
   rank-1 v (2-D after squeezing) needs the new v's row/column maxima before any code can be chosen, so a first
   Triton pass (``rank1_next_statistics_triton``; its twin ``rank1_next_statistics``) reads g and the old v codes,
-  forms the new v in registers and writes only those maxima: exact statistics of this step's v, as the paper's
-  rank-1 normalisation defines them, for one extra read of g and the v codes.
+  forms the new v in registers and writes only those maxima and the largest |g|: exact statistics of this step's v,
+  as the paper's rank-1 normalisation defines them, for one extra read of g and the v codes, which also serves as the
+  optimizer's finiteness check of g (``rank1_statistics_pass`` runs it ahead of the steps).
 
 - ``adamw4bit_step_cpu``: the same ops in C (``adamw4bit_step.c``, built by ``hf_ext.kernels.cpu_library``), one
   call per range of blocks on torch's thread count, with a first pass for the rank-1 statistics as on the GPU
@@ -130,23 +131,66 @@ def adamw4bit_steps(jobs: list["StepJob"], block_size: int, v_rank1: bool) -> No
     """
     launches: dict[tuple, list[StepJob]] = {}
     for job in jobs:
-        fits = job.param.is_contiguous() and (not v_rank1 or len(job.v_scales) == 2)
-        if fits and use_triton(job.param, "adamw4bit_step"):
+        path = _path(job, v_rank1)
+        state = (job.m_codes, job.m_absmax, job.v_codes, job.v_scales)
+        if path == "triton":
             key = (job.param.dtype, job.grad.dtype, job.param.device)
             launches.setdefault(key, []).append(dataclasses.replace(job, grad=job.grad.contiguous()))
-        elif job.param.numel() == 0:
+        elif path == "empty":
             if job.reduce_stats is not None:
                 zeros = [torch.zeros_like(stat) for stat in job.v_scales]
                 job.reduce_stats(zeros)
                 torch._foreach_copy_(job.v_scales, zeros)
-        else:
-            step = (
-                adamw4bit_step_cpu if fits and _cpu_kernel(job.param, job.grad) is not None else adamw4bit_step_torch
+        elif path == "cpu":
+            adamw4bit_step_cpu(
+                job.param, job.grad, *state, job.scalars, block_size, v_rank1, job.reduce_stats, job.new_stats
             )
-            state = (job.m_codes, job.m_absmax, job.v_codes, job.v_scales)
-            step(job.param, job.grad, *state, job.scalars, block_size, v_rank1, job.reduce_stats)
+        else:
+            adamw4bit_step_torch(job.param, job.grad, *state, job.scalars, block_size, v_rank1, job.reduce_stats)
     for group in launches.values():
         adamw4bit_steps_triton(group, block_size, v_rank1)
+
+
+def rank1_statistics_pass(jobs: list["StepJob"]) -> list[torch.Tensor | None]:
+    """The first pass of the rank-1 steps that run compiled (Triton or C), run now, ahead of the steps: one read of g
+    and the old v codes gives each such job its new statistics (``job.new_stats``; ``reduce_stats`` is applied later,
+    by ``adamw4bit_steps``) and the largest |g|, which lets the caller check the gradient without reading it again.
+
+    Args:
+        jobs: rank-1 ``StepJob``s, as for ``adamw4bit_steps(jobs, block_size, v_rank1=True)``; their ``new_stats``
+            are set, their state is not touched.
+
+    Returns:
+        For each job, a 0-d fp32 tensor on its device, the largest |g|, finite exactly when every g is (NaN reads
+        as NaN in C, as inf in Triton); None for the jobs of other paths (the twin, empty tensors), whose statistics
+        ``adamw4bit_steps`` computes itself.
+    """
+    maxima: list[torch.Tensor | None] = [None] * len(jobs)
+    on_triton: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        path = _path(job, True)
+        if path == "cpu":
+            job.grad = job.grad.contiguous()
+            job.new_stats, maxima[i] = rank1_next_statistics_cpu(job.grad, job.v_codes, job.v_scales, job.scalars)
+        elif path == "triton" and job.param.numel():
+            job.grad = job.grad.contiguous()
+            on_triton.setdefault((job.grad.dtype, job.param.device), []).append(i)
+    for indices in on_triton.values():
+        for start in range(0, len(indices), MAX_TENSORS_PER_LAUNCH):
+            chunk = indices[start : start + MAX_TENSORS_PER_LAUNCH]
+            for i, grad_max in zip(chunk, _rank1_pass_triton([jobs[i] for i in chunk]), strict=True):
+                maxima[i] = grad_max
+    return maxima
+
+
+def _path(job: "StepJob", v_rank1: bool) -> str:
+    """Where ``adamw4bit_steps`` runs ``job``: "triton", "empty" (no elements), "cpu" (the C kernel) or "torch"."""
+    fits = job.param.is_contiguous() and (not v_rank1 or len(job.v_scales) == 2)
+    if fits and use_triton(job.param, "adamw4bit_step"):
+        return "triton"
+    if job.param.numel() == 0:
+        return "empty"
+    return "cpu" if fits and _cpu_kernel(job.param, job.grad) is not None else "torch"
 
 
 def adamw4bit_step_given_v(param, grad, m_codes, m_absmax, v, scalars: StepScalars, block_size: int) -> None:
@@ -277,10 +321,11 @@ def adamw4bit_step_torch(
 
 
 def adamw4bit_step_cpu(
-    param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1, reduce_stats=None
+    param, grad, m_codes, m_absmax, v_codes, v_scales, scalars, block_size, v_rank1, reduce_stats=None, new_stats=None
 ) -> None:
     """The C kernel (``adamw4bit_step.c``) on CPU tensors, one call per range of blocks on
-    ``torch.get_num_threads()`` threads; same contract and bit for bit the same results as the twin."""
+    ``torch.get_num_threads()`` threads; same contract and bit for bit the same results as the twin. ``new_stats``:
+    this step's rank-1 statistics when ``rank1_statistics_pass`` computed them already (else computed here)."""
     if v_rank1 and len(v_scales) != 2:
         raise ValueError(f"the C kernel handles rank-1 v of 2 dimensions, got {len(v_scales)}; use the torch twin")
     if _cpu_kernel(param, grad) is None or not param.is_contiguous():
@@ -290,7 +335,9 @@ def adamw4bit_step_cpu(
         _run_cpu_blocks(param, grad, m_codes, m_absmax, block_size, V_BLOCK, scalars, v_codes, v_scales[0])
         return
     old_row, old_col = v_scales
-    new_row, new_col = rank1_next_statistics_cpu(grad, v_codes, v_scales, scalars)
+    if new_stats is None:
+        new_stats = rank1_next_statistics_cpu(grad, v_codes, v_scales, scalars)[0]
+    new_row, new_col = new_stats
     if reduce_stats is not None:
         reduce_stats([new_row, new_col])
     _run_cpu_blocks(
@@ -302,23 +349,25 @@ def adamw4bit_step_cpu(
 
 def rank1_next_statistics_cpu(grad, v_codes, v_scales: list[torch.Tensor], scalars: StepScalars):
     """``rank1_next_statistics`` for 2-D rank-1 v in the C kernel: ranges of rows on threads, each with its own
-    column maxima, merged by a max (exact). Same arguments and bit for bit the same results."""
+    column maxima, merged by a max (exact). Same arguments; returns (the twin's statistics bit for bit, the 0-d
+    largest |g|, NaN when a g is NaN)."""
     library = _cpu_kernel(grad, grad)
     old_row, old_col = v_scales
     rows, cols = old_row.numel(), old_col.numel()
     ranges = cpu_library.chunks(rows, max(1, CPU_CHUNK_ELEMENTS // max(cols, 1)))
     new_row, col_maxima = torch.empty_like(old_row), torch.zeros(len(ranges), cols)
+    grad_maxima = torch.zeros(len(ranges))
     tensors = [grad, v_codes, old_row, old_col, quant4.linear_map("cpu"), new_row, _scalar_array(scalars)]
     g, codes, old_r, old_c, lin, new_r, scalar_array = _pointers(tensors)  # the tensors stay referenced here
 
     def call(index: int, begin: int, end: int) -> None:
         _checked(library.adamw4bit_rank1_stats(
             g, cpu_library.DTYPE_CODES[grad.dtype], codes, old_r, old_c, lin, begin, end, cols, new_r,
-            col_maxima[index].data_ptr(), scalar_array,
+            col_maxima[index].data_ptr(), grad_maxima[index].data_ptr(), scalar_array,
         ))  # fmt: skip
 
     cpu_library.run_chunks(call, ranges)
-    return [new_row, col_maxima.amax(dim=0)]
+    return [new_row, col_maxima.amax(dim=0)], grad_maxima.amax()
 
 
 def _run_cpu_blocks(
@@ -377,7 +426,7 @@ def _declare_types(library) -> None:
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     library.adamw4bit_blocks.argtypes = [ptr, i32, ptr, i32, *[ptr] * 13, i64, i64, i64, i32, i64, i32, ptr]
     library.adamw4bit_blocks.restype = i32
-    library.adamw4bit_rank1_stats.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
+    library.adamw4bit_rank1_stats.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
     library.adamw4bit_rank1_stats.restype = i32
     library.adamw4bit_has_fp16.argtypes = []
     library.adamw4bit_has_fp16.restype = i32
@@ -417,6 +466,7 @@ class StepJob:
     v_scales: list[torch.Tensor]
     scalars: StepScalars
     reduce_stats: object = None
+    new_stats: list[torch.Tensor] | None = None  # rank-1: this step's statistics, set by ``rank1_statistics_pass``
 
 
 def adamw4bit_step_triton(
@@ -437,18 +487,19 @@ def rank1_next_statistics_triton(grad, v_codes, v_scales: list[torch.Tensor], sc
         v_scales: the old (R,) row and (C,) column statistics, fp32; scalars: the step's scalars.
 
     Returns:
-        The new fp32 (R,) and (C,) statistics, bit for bit those of ``rank1_next_statistics`` (max is exact).
+        (the new fp32 (R,) and (C,) statistics, bit for bit those of ``rank1_next_statistics`` (max is exact), the
+        0-d largest |g|, inf when a g is NaN).
     """
     job = StepJob(grad, grad, v_codes, v_codes, v_codes, v_scales, scalars)
     _check_triton_jobs([job], 2, True)
-    table, new_stats = _launch_table([job], 2, True)
-    _launch_rank1_stats([job], table, table.to(grad.device))
-    return new_stats[0]
+    grad_max = _rank1_pass_triton([job])[0]
+    return job.new_stats, grad_max
 
 
 def adamw4bit_steps_triton(jobs: list[StepJob], block_size: int, v_rank1: bool) -> None:
     """The fused step of many tensors, ``MAX_TENSORS_PER_LAUNCH`` per launch: a first launch reduces the rank-1
-    statistics of all of them, each job's ``reduce_stats`` sees its own, then one launch steps them all.
+    statistics of those whose ``rank1_statistics_pass`` has not, each job's ``reduce_stats`` sees its own, then one
+    launch steps them all.
 
     Args:
         jobs: contiguous tensors on one device, every param of one dtype and every grad of one dtype; rank-1 v of
@@ -458,16 +509,17 @@ def adamw4bit_steps_triton(jobs: list[StepJob], block_size: int, v_rank1: bool) 
     _check_triton_jobs(jobs, block_size, v_rank1)
     for start in range(0, len(jobs), MAX_TENSORS_PER_LAUNCH):
         chunk = jobs[start : start + MAX_TENSORS_PER_LAUNCH]
-        table, new_stats = _launch_table(chunk, block_size, v_rank1)
+        if v_rank1:
+            fresh = [job for job in chunk if job.new_stats is None]
+            if fresh:
+                _rank1_pass_triton(fresh)
+            for job in chunk:
+                if job.reduce_stats is not None:
+                    job.reduce_stats(job.new_stats)
+        table = _launch_table(chunk, block_size, v_rank1)
         device = chunk[0].param.device
         on_device = table.to(device)
-        programs, tiles = int(table[-1, COLUMN["program_start"]]), int(table[-1, COLUMN["tile_start"]])
-        if v_rank1:
-            if tiles:  # none when every tensor is an empty shard: its statistics stay the zeros
-                _launch_rank1_stats(chunk, table, on_device)
-            for job, stats in zip(chunk, new_stats, strict=True):
-                if job.reduce_stats is not None:
-                    job.reduce_stats(stats)
+        programs = int(table[-1, COLUMN["program_start"]])
         if programs:
             _adamw4bit_kernel[(programs,)](
                 on_device, on_device.view(torch.float32), len(chunk),
@@ -478,7 +530,8 @@ def adamw4bit_steps_triton(jobs: list[StepJob], block_size: int, v_rank1: bool) 
                 MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=TABLE_WIDTH,
             )  # fmt: skip
         if v_rank1:
-            torch._foreach_copy_([s for job in chunk for s in job.v_scales], [s for new in new_stats for s in new])
+            stats = [s for job in chunk for s in job.v_scales]
+            torch._foreach_copy_(stats, [s for job in chunk for s in job.new_stats])
 
 
 def _check_triton_jobs(jobs: list[StepJob], block_size: int, v_rank1: bool) -> None:
@@ -500,22 +553,16 @@ def _check_triton_jobs(jobs: list[StepJob], block_size: int, v_rank1: bool) -> N
 # kernels read its columns by position, in this order; the step's 7 fp32 scalars fill the last 4 columns.
 TABLE_COLUMNS = (
     "param", "grad", "m_codes", "m_absmax", "v_codes", "v_absmax", "old_row", "old_col", "new_row", "new_col",
-    "numel", "blocks", "rows", "cols", "program_start", "tile_start", "tile_cols", "scalars",
+    "numel", "blocks", "rows", "cols", "program_start", "tile_start", "tile_cols", "grad_max", "scalars",
 )  # fmt: skip
 COLUMN = {name: index for index, name in enumerate(TABLE_COLUMNS)}
 TABLE_WIDTH = len(TABLE_COLUMNS) + 3
 
 
-def _launch_table(jobs: list[StepJob], block_size: int, v_rank1: bool):
-    """The host-side int64 launch table of ``jobs`` (one row per job and a last row whose ``program_start`` and
-    ``tile_start`` are the totals) and, for rank-1 v, each job's new (R,) and (C,) statistics: views of one zeroed
-    buffer (one launch)."""
-    new_stats = []
-    if v_rank1:
-        sizes = [s.numel() for job in jobs for s in job.v_scales]
-        buffer = torch.zeros(sum(sizes), device=jobs[0].param.device)
-        views = list(buffer.split(sizes))
-        new_stats = [views[2 * i : 2 * i + 2] for i in range(len(jobs))]
+def _launch_table(jobs: list[StepJob], block_size: int, v_rank1: bool, grad_maxima=None) -> torch.Tensor:
+    """The host-side int64 launch table of ``jobs``: one row per job (for rank-1 v with its ``new_stats``, and the
+    0-d ``grad_maxima`` the statistics pass writes) and a last row whose ``program_start`` and ``tile_start`` are
+    the totals."""
     table = torch.zeros(len(jobs) + 1, TABLE_WIDTH, dtype=torch.int64)
     programs = tiles = 0
     tile_rows, tile_cols = STATS_TILE
@@ -523,28 +570,42 @@ def _launch_table(jobs: list[StepJob], block_size: int, v_rank1: bool):
         blocks = quant4.num_blocks(job.param.numel(), block_size)
         rows, cols = (job.v_scales[0].numel(), job.v_scales[1].numel()) if v_rank1 else (1, 1)
         old = job.v_scales if v_rank1 else [job.v_scales[0]] * 2
-        new = new_stats[i] if v_rank1 else old
+        new = job.new_stats if v_rank1 else old
         tensors = [job.param, job.grad, job.m_codes, job.m_absmax, job.v_codes, job.v_scales[0], *old, *new]
         table[i, : len(tensors)] = torch.tensor([t.data_ptr() for t in tensors])
+        if grad_maxima is not None:
+            table[i, COLUMN["grad_max"]] = grad_maxima[i].data_ptr()
         across = math.ceil(cols / tile_cols)
-        table[i, COLUMN["numel"] : COLUMN["scalars"]] = torch.tensor(
+        table[i, COLUMN["numel"] : COLUMN["grad_max"]] = torch.tensor(
             [job.param.numel(), blocks, rows, cols, programs, tiles, across]
         )
         table[i, COLUMN["scalars"] :].view(torch.float32)[:7] = _scalar_array(job.scalars)
         programs += math.ceil(blocks / BLOCKS_PER_PROGRAM)
         tiles += math.ceil(rows / tile_rows) * across
     table[-1, COLUMN["program_start"]], table[-1, COLUMN["tile_start"]] = programs, tiles
-    return table, new_stats
+    return table
 
 
-def _launch_rank1_stats(jobs: list[StepJob], table: torch.Tensor, on_device: torch.Tensor) -> None:
-    """The rank-1 statistics pass of ``jobs`` into their zeroed new statistics (``table``: the host copy)."""
-    tile_rows, tile_cols = STATS_TILE
-    _rank1_stats_kernel[(int(table[-1, COLUMN["tile_start"]]),)](
-        on_device, on_device.view(torch.float32), len(jobs), quant4.linear_map(on_device.device),
-        G_DTYPE=_TL_DTYPES[jobs[0].grad.dtype], BLOCK_R=tile_rows, BLOCK_C=tile_cols,
-        MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=TABLE_WIDTH,
-    )  # fmt: skip
+def _rank1_pass_triton(jobs: list[StepJob]) -> list[torch.Tensor]:
+    """The rank-1 statistics pass of at most ``MAX_TENSORS_PER_LAUNCH`` jobs (contiguous grads of one dtype on one
+    device) in one launch: sets each job's ``new_stats`` and returns its 0-d largest |g|, all views of one zeroed
+    buffer (v >= 0 and |g| >= 0, so zero is the identity of the atomic maxima; an empty tensor's stay zero)."""
+    sizes = [n for job in jobs for n in (job.v_scales[0].numel(), job.v_scales[1].numel(), 1)]
+    views = torch.zeros(sum(sizes), device=jobs[0].param.device).split(sizes)
+    for i, job in enumerate(jobs):
+        job.new_stats = list(views[3 * i : 3 * i + 2])
+    grad_maxima = [views[3 * i + 2].view(()) for i in range(len(jobs))]
+    table = _launch_table(jobs, 2, True, grad_maxima)
+    tiles = int(table[-1, COLUMN["tile_start"]])
+    if tiles:
+        tile_rows, tile_cols = STATS_TILE
+        on_device = table.to(jobs[0].param.device)
+        _rank1_stats_kernel[(tiles,)](
+            on_device, on_device.view(torch.float32), len(jobs), quant4.linear_map(on_device.device),
+            G_DTYPE=_TL_DTYPES[jobs[0].grad.dtype], BLOCK_R=tile_rows, BLOCK_C=tile_cols,
+            MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=TABLE_WIDTH,
+        )  # fmt: skip
+    return grad_maxima
 
 
 if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is imported to run this on CPU
@@ -579,7 +640,7 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         new_row_ptr, new_col_ptr = _address(table_ptr, row, 8, tl.float32), _address(table_ptr, row, 9, tl.float32)
         numel, num_blocks = tl.load(table_ptr + row + 10), tl.load(table_ptr + row + 11)
         n_cols = tl.load(table_ptr + row + 13)
-        scalars = table_f32_ptr + 2 * (row + 17)
+        scalars = table_f32_ptr + 2 * (row + 18)
         decay, one_minus_beta1, beta2 = tl.load(scalars), tl.load(scalars + 1), tl.load(scalars + 2)
         one_minus_beta2, bias_correction2_sqrt = tl.load(scalars + 3), tl.load(scalars + 4)
         neg_step_size, eps = tl.load(scalars + 5), tl.load(scalars + 6)
@@ -654,9 +715,10 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         g_ptr, v_codes_ptr = _address(table_ptr, row, 1, G_DTYPE), _address(table_ptr, row, 4, tl.uint8)
         old_row_ptr, old_col_ptr = _address(table_ptr, row, 6, tl.float32), _address(table_ptr, row, 7, tl.float32)
         new_row_ptr, new_col_ptr = _address(table_ptr, row, 8, tl.float32), _address(table_ptr, row, 9, tl.float32)
+        grad_max_ptr = _address(table_ptr, row, 17, tl.float32)
         n_rows, n_cols = tl.load(table_ptr + row + 12), tl.load(table_ptr + row + 13)
         across = tl.load(table_ptr + row + 16)
-        scalars = table_f32_ptr + 2 * (row + 17)
+        scalars = table_f32_ptr + 2 * (row + 18)
         beta2, one_minus_beta2 = tl.load(scalars + 2), tl.load(scalars + 3)
 
         rows = (tile // across) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -676,3 +738,5 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         v = tl.where(valid, v, 0.0)
         tl.atomic_max(new_row_ptr + rows, tl.max(v, axis=1), mask=row_ok)
         tl.atomic_max(new_col_ptr + cols, tl.max(v, axis=0), mask=col_ok)
+        magnitude = tl.where(g == g, tl.abs(g), float("inf"))  # NaN as inf: the max must not drop it
+        tl.atomic_max(grad_max_ptr, tl.max(tl.max(magnitude, axis=1), axis=0))

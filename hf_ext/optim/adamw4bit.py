@@ -41,6 +41,10 @@ states, a CPU fp32 ``step``) and primitives, so ``torch.load(weights_only=True)`
 and scales fp32, reads each tensor's layout back from its keys and refuses (``StateDictError``) state dicts of other
 optimizers, layouts other than the one the saved settings give the parameter, and values no step writes
 (``state_value_problem``). Rounding is deterministic, so a resumed run is bit-identical to an uninterrupted one.
+
+Every gradient is checked for NaN and Inf before anything is updated (``nonfinite_grads``): a tensor with a 4-bit
+rank-1 state that a compiled kernel steps is checked through the largest |g| of its step's statistics pass, run for
+all such tensors ahead of the steps; the others by one multi-tensor inf-norm over their gradients.
 """
 
 import math
@@ -178,15 +182,19 @@ def choose_layout(param: torch.Tensor, group: dict) -> tuple[str, str]:
     return "q4", "rank1" if quant4.uses_rank1(param.shape) else "block"
 
 
-def _all_finite(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Whether every entry of each gradient is finite, as 0-d bool tensors, from one reading pass of all of them: the
-    largest magnitudes (``torch._foreach_norm``'s inf-norm, a multi-tensor reduction that propagates NaN) are
-    finite. An empty gradient (an empty shard) is finite."""
+def _largest_magnitudes(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """max |g| of each gradient as a 0-d fp32 tensor, NaN when it holds one, from one reading pass of all of them
+    (``torch._foreach_norm``'s inf-norm, a multi-tensor reduction that propagates NaN); 0 for an empty gradient (an
+    empty shard)."""
     nonempty = [g for g in grads if g.numel()]
     norms = iter(torch._foreach_norm(nonempty, float("inf")) if nonempty else [])
-    magnitudes = [next(norms) if g.numel() else g.new_zeros(()) for g in grads]
+    return [next(norms) if g.numel() else g.new_zeros(()) for g in grads]
+
+
+def _finite(magnitudes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Whether each 0-d magnitude is finite, as 0-d bool tensors: two launches when they share a device."""
     if len({m.device for m in magnitudes}) == 1:
-        return list(torch.stack(magnitudes).isfinite().unbind()) if magnitudes else []
+        return list(torch.stack(magnitudes).isfinite().unbind())
     return [m.isfinite() for m in magnitudes]
 
 
@@ -436,21 +444,46 @@ class AdamW4bit(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
         splits = [sharded.shards_of(p, type(self).__name__) for _, _, p in work]
-        finite = self._finite_grads([p for _, _, p in work], splits)
+        prepared = self._rank1_prepass(work, splits)
+        finite = self._finite_grads([p for _, _, p in work], splits, prepared)
         for (group, index, p), ok in zip(work, finite, strict=True):
             if not ok and group["nonfinite_grads"] == "raise":
                 raise ValueError(self._nonfinite_message(group, index, p))
         fused_jobs = {}  # (block_size, rank-1 v) -> the 4-bit steps, run together (one launch for many on CUDA)
-        for (group, _, p), shards, ok in zip(work, splits, finite, strict=True):
+        for (group, _, p), shards, ok, ready in zip(work, splits, finite, prepared, strict=True):
             if ok:
-                self._update(p, group, shards, fused_jobs)
+                self._update(p, group, shards, fused_jobs, ready[0] if ready else None)
         for (block_size, rank1), jobs in fused_jobs.items():
             fused.adamw4bit_steps(jobs, block_size, rank1)
         return loss
 
-    def _finite_grads(self, params: list[torch.Tensor], splits: list) -> list[bool]:
-        """One device sync for all gradients (per device); DTensor flags agreed across their shard group."""
-        flags = sharded.all_finite(splits, _all_finite([sharded.local(p.grad) for p in params]))
+    def _rank1_prepass(self, work: list, splits: list) -> list:
+        """For each parameter that already has a 4-bit rank-1 state stepped by a compiled kernel (``work[i]``'s local
+        tensors; not a DTensor whose state is replicated): (its ``StepJob`` for this step, with the new statistics
+        reduced, ``fused.rank1_statistics_pass``; its largest |g|), else None. That pass reads g and the old v
+        codes once for both the statistics and the finiteness check; nothing in the state changes."""
+        jobs, where = [], []
+        for i, ((group, _, p), shards) in enumerate(zip(work, splits, strict=True)):
+            state = self.state.get(p, {})  # no entry is created for a parameter that has no state yet
+            local = self._local_step(p, state, group, shards) if state_layout(state) == ("q4", "rank1") else None
+            if local is not None:
+                jobs.append(self._job(*local, self._scalars(group, state["step"].item() + 1)))
+                where.append(i)
+        prepared = [None] * len(work)
+        for i, job, grad_max in zip(where, jobs, fused.rank1_statistics_pass(jobs), strict=True):
+            if grad_max is not None:
+                prepared[i] = (job, grad_max)
+        return prepared
+
+    def _finite_grads(self, params: list[torch.Tensor], splits: list, prepared: list) -> list[bool]:
+        """Whether each gradient is finite: from the largest |g| of ``prepared`` (``_rank1_prepass``), else from one
+        multi-tensor read; one device sync for all of them (per device), DTensor flags agreed across their shard
+        group."""
+        rest = [i for i, ready in enumerate(prepared) if ready is None]
+        magnitudes = [None if ready is None else ready[1] for ready in prepared]
+        for i, magnitude in zip(rest, _largest_magnitudes([sharded.local(params[i].grad) for i in rest]), strict=True):
+            magnitudes[i] = magnitude
+        flags = sharded.all_finite(splits, _finite(magnitudes))
         if len({f.device for f in flags}) == 1:
             return torch.stack(flags).tolist() if flags else []
         return [bool(f) for f in flags]
@@ -490,52 +523,67 @@ class AdamW4bit(Optimizer):
             stacklevel=4,
         )
 
-    def _update(self, p: torch.Tensor, group: dict, shards, fused_jobs: dict) -> None:
-        """Step ``p`` and its state, or add its 4-bit step to ``fused_jobs``; ``shards``: ``sharded.shards_of(p)``."""
+    def _update(self, p: torch.Tensor, group: dict, shards, fused_jobs: dict, ready=None) -> None:
+        """Step ``p`` and its state, or add its 4-bit step to ``fused_jobs``; ``shards``: ``sharded.shards_of(p)``;
+        ``ready``: its job from ``_rank1_prepass`` when it has one."""
         state = self.state[p]
         if not state:
             self._init_state(p, group, state, shards)
         state["step"] += 1
-        beta1, beta2 = group["betas"]
-        scalars = fused.StepScalars.from_group(
-            group["lr"], beta1, beta2, group["eps"], group["weight_decay"], state["step"].item()
-        )
         layout, block_size = state_layout(state), group["block_size"]
-        if shards is None:
-            self._step_tensor(p, p.grad, state, scalars, block_size, layout, None, fused_jobs)
+        if ready:
+            fused_jobs.setdefault((block_size, True), []).append(ready)
             return
-        local_state = {k: sharded.local(v) for k, v in state.items()}
-        if shards_state(p.shape, layout[0], block_size):
-            local = (p.to_local(), p.grad.to_local(), local_state)
-            self._step_tensor(*local, scalars, block_size, layout, shards, fused_jobs)
+        scalars = self._scalars(group, state["step"].item())
+        local = self._local_step(p, state, group, shards)
+        if local is not None:
+            self._step_tensor(*local, scalars, block_size, layout, fused_jobs)
         else:  # replicated state: step the gathered parameter now, keep this rank's rows
-            whole = p.full_tensor()
-            self._step_tensor(whole, p.grad.full_tensor(), local_state, scalars, block_size, layout, None, None)
+            whole, local_state = p.full_tensor(), {k: sharded.local(v) for k, v in state.items()}
+            self._step_tensor(whole, p.grad.full_tensor(), local_state, None, scalars, block_size, layout, None)
             p.to_local().copy_(shards.rows_of(whole))
 
-    def _step_tensor(self, p, grad, state, scalars, block_size, layout, shards, fused_jobs) -> None:
+    @staticmethod
+    def _scalars(group: dict, step: int) -> fused.StepScalars:
+        beta1, beta2 = group["betas"]
+        return fused.StepScalars.from_group(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], step)
+
+    @staticmethod
+    def _local_step(p: torch.Tensor, state: dict, group: dict, shards):
+        """(param, grad, state, shards) as the step takes them: ``p`` itself for a plain tensor; this rank's rows, its
+        state's local tensors and ``shards`` for a DTensor with a sharded state; None for a replicated state."""
+        if shards is None:
+            return p, p.grad, state, None
+        if not shards_state(p.shape, state_layout(state)[0], group["block_size"]):
+            return None
+        return p.to_local(), p.grad.to_local(), {k: sharded.local(v) for k, v in state.items()}, shards
+
+    def _step_tensor(self, p, grad, state, shards, scalars, block_size, layout, fused_jobs) -> None:
         """Step a plain tensor ``p`` (a shard's rows when ``shards`` is set) with its plain state tensors; a 4-bit
         step joins ``fused_jobs`` (run at once when it is None)."""
         m_layout, v_layout = layout
         if m_layout == "q4" and v_layout in ("block", "rank1"):
-            rank1 = v_layout == "rank1"
-            if rank1:  # as many statistics as the logical tensor has non-singleton dims (a shard may have one row)
-                v_scales = [
-                    state[f"exp_avg_sq_stat{k}"] for k in range(sum(k.startswith("exp_avg_sq_stat") for k in state))
-                ]
-            else:
-                v_scales = [state["exp_avg_sq_absmax"].view(-1)]
-            reduce = self._rank1_reduce(shards) if rank1 and shards else None
-            job = fused.StepJob(
-                p, grad, state["exp_avg_codes"].view(-1), state["exp_avg_absmax"].view(-1),
-                state["exp_avg_sq_codes"].view(-1), v_scales, scalars, reduce,
-            )  # fmt: skip
+            job = self._job(p, grad, state, shards, scalars)
             if fused_jobs is None:
-                fused.adamw4bit_steps([job], block_size, rank1)
+                fused.adamw4bit_steps([job], block_size, v_layout == "rank1")
             else:
-                fused_jobs.setdefault((block_size, rank1), []).append(job)
+                fused_jobs.setdefault((block_size, v_layout == "rank1"), []).append(job)
         else:
             self._update_reference(p, grad, state, scalars, block_size, m_layout, v_layout, shards)
+
+    def _job(self, p, grad, state: dict, shards, scalars: fused.StepScalars) -> fused.StepJob:
+        """The 4-bit step of plain tensors ``p`` and ``grad`` with their 4-bit ``state`` (``_step_tensor``'s)."""
+        rank1 = "exp_avg_sq_stat0" in state
+        if rank1:  # as many statistics as the logical tensor has non-singleton dims (a shard may have one row)
+            count = sum(k.startswith("exp_avg_sq_stat") for k in state)
+            v_scales = [state[f"exp_avg_sq_stat{k}"] for k in range(count)]
+        else:
+            v_scales = [state["exp_avg_sq_absmax"].view(-1)]
+        reduce = self._rank1_reduce(shards) if rank1 and shards else None
+        return fused.StepJob(
+            p, grad, state["exp_avg_codes"].view(-1), state["exp_avg_absmax"].view(-1),
+            state["exp_avg_sq_codes"].view(-1), v_scales, scalars, reduce,
+        )  # fmt: skip
 
     @staticmethod
     def _rank1_reduce(shards):

@@ -11,7 +11,7 @@ from triton_interpreter import interpreted
 
 from hf_ext.kernels import adamw4bit_step as fused
 from hf_ext.kernels import quant4 as quant
-from hf_ext.optim import AdamW4bit
+from hf_ext.optim import AdamW4bit, adamw4bit
 
 
 def random_state(shape, rank1: bool, block_size: int, seed: int):
@@ -59,16 +59,30 @@ def test_interpreted_kernel_matches_torch_twin(shape, rank1, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_interpreted_rank1_statistics_pass_equals_its_twin(shape, dtype):
     """The first pass of a rank-1 step: the new v's row and column maxima from g and the old codes, bit for bit the
-    twin's (max is exact); a zero row of v and g stays 0."""
+    twin's (max is exact), and the largest |g|; a zero row of v and g stays 0."""
     _, _, v_codes, v_scales = random_state(shape, True, 128, seed=2)
     grad = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 0.1).to(dtype)
     grad[1] = 0.0
     v_scales[0][1] = 0.0
     scalars = fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 1e-2, 4)
     want = fused.rank1_next_statistics(grad, v_codes, v_scales, scalars)
-    got = fused.rank1_next_statistics_triton(grad, v_codes, v_scales, scalars)
+    got, grad_max = fused.rank1_next_statistics_triton(grad, v_codes, v_scales, scalars)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     assert got[0][1] == 0 and (got[0] > 0).sum() == shape[0] - 1
+    assert grad_max.shape == () and grad_max == grad.float().abs().max()
+
+
+@interpreted
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_interpreted_rank1_statistics_pass_sees_a_nonfinite_gradient(bad):
+    """One NaN or inf anywhere in g (here in the last tile) makes the pass's largest |g| non-finite: the optimizer's
+    finiteness check of a rank-1 tensor rests on it."""
+    shape = (33, 300)
+    _, _, v_codes, v_scales = random_state(shape, True, 128, seed=2)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 0.1
+    grad[32, 299] = bad
+    scalars = fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 1e-2, 4)
+    assert not fused.rank1_next_statistics_triton(grad, v_codes, v_scales, scalars)[1].isfinite()
 
 
 @interpreted
@@ -80,6 +94,28 @@ def test_interpreted_optimizer_through_the_kernel_equals_the_twin(monkeypatch):
     for force in (False, True):
         monkeypatch.setattr(fused, "use_triton", lambda tensor, kernel, force=force: force)
         runs.append(optimizer_run(AdamW4bit, shapes))
+    assert_runs_equal(*runs)
+
+
+@interpreted
+def test_interpreted_optimizer_skips_a_nonfinite_rank1_tensor_found_by_the_statistics_pass(monkeypatch):
+    """Through the Triton branch, a rank-1 tensor with state is checked by the statistics pass's largest |g|: an inf
+    in its gradient leaves it and its state as they were, and the other tensor (same launch) steps as the twin's."""
+    monkeypatch.setenv("HF_EXT_DISABLE_CPU_KERNELS", "1")
+    read, real = [], adamw4bit._largest_magnitudes
+    monkeypatch.setattr(adamw4bit, "_largest_magnitudes", lambda grads: read.append(len(grads)) or real(grads))
+    runs = []
+    for force in (True, False):
+        monkeypatch.setattr(fused, "use_triton", lambda tensor, kernel, force=force: force)
+        (a, b), opt = optimizer_run(AdamW4bit, [(40, 130), (33, 129)], steps=2, nonfinite_grads="skip")
+        a_before, state_before = a.detach().clone(), {k: v.clone() for k, v in opt.state[a].items()}
+        gen = torch.Generator().manual_seed(7)
+        a.grad, b.grad = torch.randn(a.shape, generator=gen), torch.randn(b.shape, generator=gen)
+        a.grad[39, 129] = float("inf")
+        opt.step()
+        assert read[-1] == (0 if force else 2)  # with the kernel, no separate read of either gradient
+        assert torch.equal(a, a_before) and all(torch.equal(v, opt.state[a][k]) for k, v in state_before.items())
+        runs.append(([a, b], opt))
     assert_runs_equal(*runs)
 
 

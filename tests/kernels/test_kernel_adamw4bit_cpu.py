@@ -86,6 +86,27 @@ def test_c_kernel_sees_zero_rows_and_a_single_row_shard(many_chunks):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_c_statistics_pass_equals_the_twin_and_sees_a_nonfinite_gradient(dtype, bad, many_chunks):
+    """The rank-1 first pass in C over several ranges of rows: the twin's statistics bit for bit and the largest |g|,
+    which is not finite when one g (here in the last range) is NaN or inf."""
+    shape = (37, 129)
+    _, _, v_codes, v_scales = random_state(shape, True, 128, seed=2)
+    grad = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 0.1).to(dtype)
+    if bad is not None:
+        grad[36, 5] = bad
+    scalars = fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 1e-2, 4)
+    stats, grad_max = fused.rank1_next_statistics_cpu(grad, v_codes, v_scales, scalars)
+    assert grad_max.shape == ()
+    if bad is None:
+        want = fused.rank1_next_statistics(grad, v_codes, v_scales, scalars)
+        assert all(torch.equal(a, b) for a, b in zip(stats, want, strict=True))
+        assert grad_max == grad.float().abs().max()
+    else:
+        assert not grad_max.isfinite()
+
+
 def test_c_kernel_hands_the_new_statistics_to_reduce_before_choosing_codes():
     """A sharded parameter's statistics are changed by ``reduce`` (a MAX across ranks) before any v code."""
     shape = (33, 300)

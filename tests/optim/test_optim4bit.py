@@ -11,7 +11,7 @@ from test_optim4bit_oracle import U, step_constants
 
 from hf_ext.kernels import adamw4bit_step as fused
 from hf_ext.kernels import quant4 as quant
-from hf_ext.optim import OPTIMIZERS, AdamW4bit, AdamW4bitFactor, sharded
+from hf_ext.optim import OPTIMIZERS, AdamW4bit, AdamW4bitFactor, adamw4bit, sharded
 from hf_ext.optim.adamw4bit import state_nbytes
 
 
@@ -360,6 +360,38 @@ def test_nonfinite_grads_skip_leaves_that_parameter_and_its_state_untouched():
     assert torch.equal(a, a_before) and not torch.equal(b, b_before)
     assert all(torch.equal(v, opt.state[a][k]) for k, v in state_before.items())
     assert opt.state[b]["step"].item() == 3
+
+
+@pytest.mark.parametrize("twin", [False, True])
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_rank1_tensor_with_state_is_checked_by_its_statistics_pass(policy, twin, monkeypatch):
+    """From its second step, a rank-1 tensor stepped by the C kernel is checked through the largest |g| of the step's
+    own statistics pass, not by a separate read of g (the twin's tensors are still read apart); a NaN in it then
+    raises or skips before its parameter or state changes, on both paths."""
+    if twin:
+        monkeypatch.setenv("HF_EXT_DISABLE_CPU_KERNELS", "1")
+    read, real = [], adamw4bit._largest_magnitudes
+
+    def reading(grads):
+        read.append([g.shape for g in grads])
+        return real(grads)
+
+    monkeypatch.setattr(adamw4bit, "_largest_magnitudes", reading)
+    a, b = torch.ones(70, 70, requires_grad=True), torch.ones(5000, requires_grad=True)  # rank-1 and block-wise v
+    opt = AdamW4bit([a, b], nonfinite_grads=policy)
+    run_steps(opt, [a, b], 2)
+    assert read == [[a.shape, b.shape], [a.shape, b.shape] if twin else [b.shape]]  # step 1: no state to pass over
+    a_before, b_before = a.detach().clone(), b.detach().clone()
+    state_before = {k: v.clone() for k, v in opt.state[a].items()}
+    set_grads([a, b], 9)
+    a.grad[69, 69] = float("nan")
+    if policy == "raise":
+        with pytest.raises(ValueError, match=r"\[0\].*shape \(70, 70\), holds NaN or Inf"):
+            opt.step()
+    else:
+        opt.step()
+    assert torch.equal(a, a_before) and torch.equal(b, b_before) == (policy == "raise")
+    assert all(torch.equal(v, opt.state[a][k]) for k, v in state_before.items())
 
 
 @pytest.mark.parametrize(
