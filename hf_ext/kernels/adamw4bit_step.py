@@ -33,8 +33,9 @@ Dispatch (``adamw4bit_step``): Triton for contiguous CUDA tensors when triton im
 fp32/bf16/fp16 CPU tensors when it builds, the twin elsewhere (rank-1 v with more than two non-singleton dimensions
 always runs the twin); ``HF_EXT_DISABLE_TRITON=1`` and ``HF_EXT_DISABLE_CPU_KERNELS=1`` force the twin. On a GPU the
 compiler may contract a multiply and an add into an FMA, so codes can differ from the twin in rare last-ulp ties; a run
-(and its resume) keeps one path per device. To run the kernel on CPU tensors, set TRITON_INTERPRET=1 before triton is
-first imported (triton's own library functions are decorated at import).
+(and its resume) keeps one path per device. Like in-place torch ops, the kernels bump the version counter of every
+tensor they write (``torch.autograd.graph.increment_version``). To run the kernel on CPU tensors, set
+TRITON_INTERPRET=1 before triton is first imported (triton's own library functions are decorated at import).
 """
 
 import ctypes
@@ -45,6 +46,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.graph import increment_version
 
 from hf_ext.kernels import cpu_library, quant4
 from hf_ext.kernels.dispatch import cpu_kernel, tl, triton, use_triton  # noqa: F401 (tl: used by the kernel when triton imports)
@@ -392,6 +394,7 @@ def _run_cpu_blocks(
 
     blocks = quant4.num_blocks(numel, block_size)
     cpu_library.run_chunks(call, cpu_library.chunks(blocks, max(1, CPU_CHUNK_ELEMENTS // block_size)))
+    increment_version([t for t in (param, m_codes, m_absmax, v_codes, v_absmax) if t is not None])
 
 
 def _checked(status: int) -> None:
@@ -529,6 +532,8 @@ def adamw4bit_steps_triton(jobs: list[StepJob], block_size: int, v_rank1: bool) 
                 P_DTYPE=_TL_DTYPES[chunk[0].param.dtype], G_DTYPE=_TL_DTYPES[chunk[0].grad.dtype],
                 MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=TABLE_WIDTH,
             )  # fmt: skip
+            written = [[job.param, job.m_codes, job.m_absmax, job.v_codes, *job.v_scales] for job in chunk]
+            increment_version([t for tensors in written for t in tensors])
         if v_rank1:
             stats = [s for job in chunk for s in job.v_scales]
             torch._foreach_copy_(stats, [s for job in chunk for s in job.new_stats])

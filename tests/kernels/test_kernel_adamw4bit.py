@@ -112,8 +112,10 @@ def test_interpreted_optimizer_skips_a_nonfinite_rank1_tensor_found_by_the_stati
         gen = torch.Generator().manual_seed(7)
         a.grad, b.grad = torch.randn(a.shape, generator=gen), torch.randn(b.shape, generator=gen)
         a.grad[39, 129] = float("inf")
+        b_version = b._version
         opt.step()
         assert read[-1] == (0 if force else 2)  # with the kernel, no separate read of either gradient
+        assert b._version > b_version  # the kernel's in-place write is seen, as a torch op's would be
         assert torch.equal(a, a_before) and all(torch.equal(v, opt.state[a][k]) for k, v in state_before.items())
         runs.append(([a, b], opt))
     assert_runs_equal(*runs)

@@ -107,6 +107,18 @@ def test_c_statistics_pass_equals_the_twin_and_sees_a_nonfinite_gradient(dtype, 
         assert not grad_max.isfinite()
 
 
+@pytest.mark.parametrize("shape", [(70, 70), (5000,)])
+def test_c_kernel_bumps_the_version_of_what_it_writes(shape):
+    """As an in-place torch op would: code that caches on ``tensor._version`` sees the parameter and state change."""
+    param = torch.randn(shape, requires_grad=True)
+    opt = AdamW4bit([param])
+    param.grad = torch.randn(shape)
+    opt.step()
+    versions = [param._version] + [v._version for v in opt.state[param].values()]
+    opt.step()
+    assert all(t._version > v for t, v in zip([param, *opt.state[param].values()], versions, strict=True))
+
+
 def test_c_kernel_hands_the_new_statistics_to_reduce_before_choosing_codes():
     """A sharded parameter's statistics are changed by ``reduce`` (a MAX across ranks) before any v code."""
     shape = (33, 300)
