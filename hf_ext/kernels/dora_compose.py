@@ -18,7 +18,9 @@ stored once in the output dtype; PEFT instead rounds ``result - bias`` to a bf16
 so with half-precision base outputs the two differ by that one rounding times ``|g - 1|``.
 
 - ``compose_forward_torch`` / ``compose_backward_torch``: the pure-torch twin, the CPU path and the test oracle;
-  its d_m reduction sums fp32 partials over token chunks, as the kernel does over token blocks.
+  its forward forms y as ``(result + (g - 1) * base) + (g s) * lora``, two multiply-add passes (``addcmul``) instead
+  of five element-wise ops, and its d_m reduction sums fp32 partials over token chunks, as the kernel does over
+  token blocks.
 - ``compose_forward_triton`` / ``compose_backward_triton``: one kernel each, 2-D grid over (token block, column
   block); the backward writes ``d_main`` (d_result or d_base) and ``d_lora`` and one fp32 partial of d_m per
   ``ROWS_PER_PROGRAM`` tokens and column, summed afterwards (no atomics).
@@ -77,7 +79,7 @@ def compose_forward_torch(result, base, bias, lora, g, scaling: float, save_inne
     b = base.to(cdt) if base is not None else (r - bias.to(cdt) if bias is not None else r)
     lo = lora.to(cdt)
     gc = g.to(cdt)
-    out = (r + ((gc - 1) * b + gc * lo * scaling)).to(_out_dtype(result, base, lora))
+    out = torch.addcmul(r, gc - 1, b).addcmul_(gc * scaling, lo).to(_out_dtype(result, base, lora))  # two passes
     inner = torch.add(b, lo, alpha=scaling).to(_inner_dtype(result, base, lora, bias)) if save_inner else None
     return out, inner
 

@@ -83,7 +83,9 @@ def rows_per_chunk(
 
 
 def _row_sq(block: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("ij,ij->i", block, block)  # batched row dot products: no squared copy of the block
+    """``||row||^2`` of each row, fp32, from one reduction that reads ``block`` in its own dtype (no squared or upcast
+    copy); on CPU several times faster than a batched-dot einsum, and no less accurate."""
+    return torch.linalg.vector_norm(block, dim=1, dtype=torch.float32).square()
 
 
 def weight_sq_norms(weight, fan_in_fan_out: bool = False) -> torch.Tensor:
@@ -96,7 +98,7 @@ def weight_sq_norms(weight, fan_in_fan_out: bool = False) -> torch.Tensor:
     out = torch.empty(d_out, dtype=torch.float32, device=w.device)
     with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
         for start in range(0, d_out, step):
-            out[start : start + step] = _row_sq(w[start : start + step].detach().float())
+            out[start : start + step] = _row_sq(w[start : start + step].detach())
     return out
 
 
@@ -185,7 +187,7 @@ def _chunk_norm(w_rows, a, b_rows, gram, wsq, scaling, paths):
     """One chunk's norms; its fp32 temporaries die on return, before the next chunk's W rows are upcast."""
     combine, product = paths
     if a is None:
-        return torch.sqrt((_row_sq(w_rows.float()) if wsq is None else wsq).clamp_min(0.0))
+        return torch.sqrt((_row_sq(w_rows) if wsq is None else wsq).clamp_min(0.0))
     u, row_sq = product(w_rows, a, wsq is None)
     return combine(u, b_rows.float(), gram, row_sq if wsq is None else wsq, scaling)
 
