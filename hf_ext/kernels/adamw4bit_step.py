@@ -12,7 +12,8 @@ scales (linear map without zero). Each operation is a separately rounded fp32 op
 two implementations below agree bit for bit where both round IEEE (CPU twin, Triton interpreter); division and
 sqrt are correctly rounded (``div_rn``/``sqrt_rn``; the CPU twin takes sqrt via fp64, ``_sqrt_rn``), which keeps
 CPU results independent of the CPU's vendor and vector extensions. ``next_m``, ``next_v`` and ``stepped_param``
-are these element-wise ops; the optimizer's fp32-state and factored paths call them too.
+are these element-wise ops, on lists of tensors (multi-tensor ``torch._foreach`` ops); the optimizer's fp32-state
+path steps all its tensors through them at once, the factored path calls them too.
 
 - ``adamw4bit_step_torch``: the pure-torch twin: the element-wise ops on the flat tensors, then the quantizers of
   ``hf_ext.kernels.quant4`` (the same blocks, scales and nearest-code rule the kernel applies);
@@ -212,53 +213,75 @@ def adamw4bit_step_given_v(param, grad, m_codes, m_absmax, v, scalars: StepScala
         )
         return
     m = step_quantized_m(m_codes, m_absmax, grad.float(), scalars, block_size)
-    param.copy_(stepped_param(param.float(), m.view_as(param), v.view_as(param), scalars))
+    param.copy_(stepped_param([param.float()], [m.view_as(param)], [v.view_as(param)], [scalars])[0])
 
 
-def next_m(m: torch.Tensor, grad: torch.Tensor, s: StepScalars) -> torch.Tensor:
-    """New first moment ``m + (1 - beta1) * (g - m)``, three separately rounded fp32 ops.
-
-    Args:
-        m: fp32 old m; grad: fp32 gradient, broadcastable to ``m``; s: the step's scalars.
-
-    Returns:
-        fp32, the broadcast shape.
-    """
-    return m + s.one_minus_beta1 * (grad - m)
+# The element-wise ops of the update on lists of tensors (one multi-tensor launch per op on CUDA: an optimizer's many
+# small fp32-state tensors step together); ``scalars`` holds each tensor's ``StepScalars``.
 
 
-def next_v(v: torch.Tensor, grad: torch.Tensor, s: StepScalars) -> torch.Tensor:
-    """New second moment ``v * beta2 + ((1 - beta2) * g) * g``, four separately rounded fp32 ops.
+def next_m(ms: list[torch.Tensor], grads: list[torch.Tensor], scalars: list[StepScalars]) -> list[torch.Tensor]:
+    """New first moments ``m + (1 - beta1) * (g - m)``, three separately rounded fp32 ops.
 
     Args:
-        v: fp32 old v (>= 0); grad: fp32 gradient, broadcastable to ``v``; s: the step's scalars.
+        ms: fp32 old m; grads: fp32 gradients, each the shape of its m; scalars: each tensor's step scalars.
 
     Returns:
-        fp32 (>= 0), the broadcast shape.
+        New fp32 tensors, the shapes of ``ms``.
     """
-    return v * s.beta2 + (s.one_minus_beta2 * grad) * grad
+    diff = torch._foreach_sub(grads, ms)
+    torch._foreach_mul_(diff, [s.one_minus_beta1 for s in scalars])
+    return torch._foreach_add(ms, diff)
 
 
-def stepped_param(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: StepScalars) -> torch.Tensor:
-    """The stepped parameter ``p * decay + (neg_step_size * m) / (sqrt_rn(v) / sqrt(1 - beta2^t) + eps)``.
+def next_v(vs: list[torch.Tensor], grads: list[torch.Tensor], scalars: list[StepScalars]) -> list[torch.Tensor]:
+    """New second moments ``v * beta2 + ((1 - beta2) * g) * g``, four separately rounded fp32 ops.
 
     Args:
-        p: fp32 parameter; m, v: fp32 new moments (not re-quantized), the shape of ``p``; s: the step's scalars.
+        vs: fp32 old v (>= 0); grads: fp32 gradients, each the shape of its v; scalars: each tensor's step scalars.
 
     Returns:
-        fp32, the shape of ``p``.
+        New fp32 tensors (>= 0), the shapes of ``vs``.
     """
-    return p * s.decay + (s.neg_step_size * m) / (_sqrt_rn(v) / s.bias_correction2_sqrt + s.eps)
+    decayed = torch._foreach_mul(vs, [s.beta2 for s in scalars])
+    squared = torch._foreach_mul(grads, [s.one_minus_beta2 for s in scalars])
+    torch._foreach_mul_(squared, grads)
+    torch._foreach_add_(decayed, squared)
+    return decayed
 
 
-def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded fp32 sqrt, as the kernel's sqrt_rn.
+def stepped_param(
+    ps: list[torch.Tensor], ms: list[torch.Tensor], vs: list[torch.Tensor], scalars: list[StepScalars]
+) -> list[torch.Tensor]:
+    """The stepped parameters ``p * decay + (neg_step_size * m) / (sqrt_rn(v) / sqrt(1 - beta2^t) + eps)``.
+
+    Args:
+        ps: fp32 parameters; ms, vs: fp32 new moments (not re-quantized), each the shape of its p; scalars: each
+            tensor's step scalars.
+
+    Returns:
+        New fp32 tensors, the shapes of ``ps``.
+    """
+    denom = _sqrt_rn(vs)
+    torch._foreach_div_(denom, [s.bias_correction2_sqrt for s in scalars])
+    torch._foreach_add_(denom, [s.eps for s in scalars])
+    update = torch._foreach_mul(ms, [s.neg_step_size for s in scalars])
+    torch._foreach_div_(update, denom)
+    stepped = torch._foreach_mul(ps, [s.decay for s in scalars])
+    torch._foreach_add_(stepped, update)
+    return stepped
+
+
+def _sqrt_rn(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Correctly rounded fp32 sqrt of each tensor, as the kernel's sqrt_rn.
 
     torch's fp32 CPU sqrt (MKL's) is not correctly rounded on every CPU. Via fp64 it is, even where the fp64 sqrt is
     only faithful (< 1 ulp off): with fp32 x scaled by a power of 4 into [1, 4) and mid any fp32 rounding midpoint
     in [1, 2), |x - mid^2| >= 2^-48, so |sqrt(x) - mid| > 2^-50, four fp64 ulps.
     """
-    return torch.sqrt(x.double()).float() if x.device.type == "cpu" else torch.sqrt(x)
+    if any(x.device.type == "cpu" for x in xs):
+        return [torch.sqrt(x.double()).float() if x.device.type == "cpu" else torch.sqrt(x) for x in xs]
+    return torch._foreach_sqrt(xs)
 
 
 def step_quantized_m(
@@ -277,7 +300,7 @@ def step_quantized_m(
         The new m before quantisation, fp32, the shape of ``grad``.
     """
     de = quant4.dynamic_exponent_map(m_codes.device)
-    m = next_m(quant4.dequantize_blockwise(m_codes, m_absmax, de, grad.shape, block_size), grad, scalars)
+    m = next_m([quant4.dequantize_blockwise(m_codes, m_absmax, de, grad.shape, block_size)], [grad], [scalars])[0]
     codes, absmax = quant4.quantize_blockwise(m, de, block_size)
     m_codes.copy_(codes)
     m_absmax.copy_(absmax)
@@ -298,7 +321,7 @@ def rank1_next_statistics(grad, v_codes, v_scales: list[torch.Tensor], scalars: 
     """
     shape = tuple(stat.numel() for stat in v_scales)
     old = quant4.dequantize_rank1(v_codes, v_scales, quant4.linear_map(v_codes.device), shape)
-    return quant4.rank1_statistics(next_v(old, grad.float().reshape(shape), scalars))
+    return quant4.rank1_statistics(next_v([old], [grad.float().reshape(shape)], [scalars])[0])
 
 
 def adamw4bit_step_torch(
@@ -310,13 +333,13 @@ def adamw4bit_step_torch(
     m = step_quantized_m(m_codes, m_absmax, g, scalars, block_size)
     if v_rank1:
         shape = tuple(stat.numel() for stat in v_scales)
-        v = next_v(quant4.dequantize_rank1(v_codes, v_scales, lin, (numel,)), g, scalars)
+        v = next_v([quant4.dequantize_rank1(v_codes, v_scales, lin, (numel,))], [g], [scalars])[0]
         codes, new_scales = quant4.quantize_rank1(v, lin, reduce_stats, shape)
     else:
-        v = next_v(quant4.dequantize_blockwise(v_codes, v_scales[0], lin, (numel,), block_size), g, scalars)
+        v = next_v([quant4.dequantize_blockwise(v_codes, v_scales[0], lin, (numel,), block_size)], [g], [scalars])[0]
         codes, absmax = quant4.quantize_blockwise(v, lin, block_size)
         new_scales = [absmax]
-    param.copy_(stepped_param(param.detach().float().flatten(), m, v, scalars).view_as(param))
+    param.copy_(stepped_param([param.detach().float().flatten()], [m], [v], [scalars])[0].view_as(param))
     v_codes.copy_(codes)
     for scale, new in zip(v_scales, new_scales, strict=True):
         scale.copy_(new)

@@ -198,6 +198,15 @@ def _finite(magnitudes: list[torch.Tensor]) -> list[torch.Tensor]:
     return [m.isfinite() for m in magnitudes]
 
 
+def _fp32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors as fp32: fp32 ones themselves, the others upcast by one multi-tensor copy."""
+    out = [t if t.dtype == torch.float32 else torch.empty_like(t, dtype=torch.float32) for t in tensors]
+    upcast = [i for i, t in enumerate(tensors) if out[i] is not t]
+    if upcast:
+        torch._foreach_copy_([out[i] for i in upcast], [tensors[i] for i in upcast])
+    return out
+
+
 def state_nbytes(optimizer: Optimizer) -> int:
     """Bytes held in the tensors of any optimizer's ``state`` (for AdamW4bit: codes, scales, fp32 states, steps).
 
@@ -449,12 +458,15 @@ class AdamW4bit(Optimizer):
         for (group, index, p), ok in zip(work, finite, strict=True):
             if not ok and group["nonfinite_grads"] == "raise":
                 raise ValueError(self._nonfinite_message(group, index, p))
-        fused_jobs = {}  # (block_size, rank-1 v) -> the 4-bit steps, run together (one launch for many on CUDA)
+        fused_jobs = {}  # (block_size, rank-1 v) -> the 4-bit steps; "fp32" -> fp32-state steps; run together
         for (group, _, p), shards, ok, ready in zip(work, splits, finite, prepared, strict=True):
             if ok:
                 self._update(p, group, shards, fused_jobs, ready[0] if ready else None)
-        for (block_size, rank1), jobs in fused_jobs.items():
-            fused.adamw4bit_steps(jobs, block_size, rank1)
+        for key, jobs in fused_jobs.items():
+            if key == "fp32":
+                self._fp32_steps(jobs)
+            else:
+                fused.adamw4bit_steps(jobs, *key)
         return loss
 
     def _rank1_prepass(self, work: list, splits: list) -> list:
@@ -559,8 +571,8 @@ class AdamW4bit(Optimizer):
         return p.to_local(), p.grad.to_local(), {k: sharded.local(v) for k, v in state.items()}, shards
 
     def _step_tensor(self, p, grad, state, shards, scalars, block_size, layout, fused_jobs) -> None:
-        """Step a plain tensor ``p`` (a shard's rows when ``shards`` is set) with its plain state tensors; a 4-bit
-        step joins ``fused_jobs`` (run at once when it is None)."""
+        """Step a plain tensor ``p`` (a shard's rows when ``shards`` is set) with its plain state tensors; a 4-bit or
+        fp32-state step joins ``fused_jobs`` (run at once when it is None)."""
         m_layout, v_layout = layout
         if m_layout == "q4" and v_layout in ("block", "rank1"):
             job = self._job(p, grad, state, shards, scalars)
@@ -568,8 +580,14 @@ class AdamW4bit(Optimizer):
                 fused.adamw4bit_steps([job], block_size, v_layout == "rank1")
             else:
                 fused_jobs.setdefault((block_size, v_layout == "rank1"), []).append(job)
+        elif layout == ("fp32", "fp32"):
+            job = (p, grad, state, scalars)
+            if fused_jobs is None:
+                self._fp32_steps([job])
+            else:
+                fused_jobs.setdefault("fp32", []).append(job)
         else:
-            self._update_reference(p, grad, state, scalars, block_size, m_layout, v_layout, shards)
+            self._factored_step(p, grad, state, scalars, block_size, m_layout, shards)
 
     def _job(self, p, grad, state: dict, shards, scalars: fused.StepScalars) -> fused.StepJob:
         """The 4-bit step of plain tensors ``p`` and ``grad`` with their 4-bit ``state`` (``_step_tensor``'s)."""
@@ -591,23 +609,31 @@ class AdamW4bit(Optimizer):
         dim 0 is a singleton, which then is not a statistic's dimension)."""
         return lambda new: shards.all_max(new[1:] if shards.rows != 1 else new)
 
-    def _update_reference(self, p, grad, state, scalars, block_size, m_layout, v_layout, shards) -> None:
-        """fp32 or factored v: the fused step's element-wise ops, on whole tensors (4-bit m with factored v: the fused
-        step given v, ``adamw4bit_step_given_v``)."""
+    @staticmethod
+    def _fp32_steps(jobs: list) -> None:
+        """fp32 m and v of many tensors (``(p, grad, state, scalars)`` each): the fused step's element-wise ops, each
+        once for all of them (a multi-tensor launch per op on CUDA)."""
+        params, grads, states, scalars = (list(column) for column in zip(*jobs, strict=True))
+        grads = _fp32(grads)
+        ms, vs = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
+        new_v, new_m = fused.next_v(vs, grads, scalars), fused.next_m(ms, grads, scalars)
+        stepped = fused.stepped_param(_fp32(params), new_m, new_v, scalars)
+        torch._foreach_copy_(vs + ms, new_v + new_m)
+        torch._foreach_copy_(params, stepped)
+
+    def _factored_step(self, p, grad, state, scalars, block_size, m_layout, shards) -> None:
+        """Factored v: its statistics on whole tensors, then the fused step given v (``adamw4bit_step_given_v``) for
+        4-bit m, the element-wise ops for fp32 m."""
         grad = grad.float()
-        if v_layout == "factored":
-            exp_avg_sq = self._factored_second_moment(state, grad, scalars, shards)
-        else:
-            exp_avg_sq = fused.next_v(state["exp_avg_sq"], grad, scalars)
-            state["exp_avg_sq"].copy_(exp_avg_sq)
+        exp_avg_sq = self._factored_second_moment(state, grad, scalars, shards)
         if m_layout == "q4":
             if p.numel():  # an empty shard took part in the factored sums above
                 codes, absmax = state["exp_avg_codes"].view(-1), state["exp_avg_absmax"].view(-1)
                 fused.adamw4bit_step_given_v(p, grad, codes, absmax, exp_avg_sq, scalars, block_size)
             return
-        exp_avg = fused.next_m(state["exp_avg"], grad, scalars)
+        exp_avg = fused.next_m([state["exp_avg"]], [grad], [scalars])[0]
         state["exp_avg"].copy_(exp_avg)
-        p.copy_(fused.stepped_param(p.float(), exp_avg.view_as(p), exp_avg_sq, scalars))
+        p.copy_(fused.stepped_param([p.float()], [exp_avg], [exp_avg_sq], [scalars])[0])
 
     @staticmethod
     def _factored_second_moment(state: dict, grad: torch.Tensor, scalars, shards=None) -> torch.Tensor:

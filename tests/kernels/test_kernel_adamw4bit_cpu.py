@@ -158,7 +158,7 @@ def test_c_kernel_given_v_equals_quantized_m_then_stepped_param(dtype, many_chun
     param_c, m_codes_c, m_absmax_c = param.clone(), m_codes.clone(), m_absmax.clone()
     fused.adamw4bit_step_given_v(param_c, grad, m_codes_c, m_absmax_c, v, scalars, 64)
     m = fused.step_quantized_m(m_codes, m_absmax, grad.float(), scalars, 64)
-    param.copy_(fused.stepped_param(param.float(), m.view(shape), v, scalars))
+    param.copy_(fused.stepped_param([param.float()], [m.view(shape)], [v], [scalars])[0])
     assert torch.equal(param_c, param) and torch.equal(m_codes_c, m_codes) and torch.equal(m_absmax_c, m_absmax)
 
 

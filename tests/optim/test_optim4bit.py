@@ -394,6 +394,30 @@ def test_a_rank1_tensor_with_state_is_checked_by_its_statistics_pass(policy, twi
     assert all(torch.equal(v, opt.state[a][k]) for k, v in state_before.items())
 
 
+def test_small_tensors_with_fp32_states_step_together(monkeypatch):
+    """The fp32-state tensors (numel <= 4096: biases, norms) of one step go through each element-wise op once, as
+    lists (one multi-tensor launch per op on CUDA, not one per tensor), with the results of stepping them one by
+    one."""
+    calls, real = [], fused.next_m
+    monkeypatch.setattr(fused, "next_m", lambda ms, *rest: calls.append(len(ms)) or real(ms, *rest))
+    shapes = [(64,), (30, 40), (4096,), (5000,)]  # the last one is 4-bit
+    runs = []
+    for together in (True, False):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(shape, generator=gen).requires_grad_() for shape in shapes]
+        opts = [AdamW4bit(params)] if together else [AdamW4bit([p]) for p in params]
+        for seed in range(3):
+            set_grads(params, seed)
+            for opt in opts:
+                opt.step()
+        runs.append((params, [opt.state[p] for opt in opts for p in opt.param_groups[0]["params"]]))
+    assert calls[:3] == [3, 3, 3]  # together: one call per step for the three small tensors
+    for a, b in zip(runs[0][0], runs[1][0], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [
