@@ -166,11 +166,10 @@ def check_rank1_statistics(device, dtype, shape, label):
     record("adamw4bit rank-1 pass: NaN g missed (1 = missed)", label, float(nan_max.isfinite().item()), 0.0)
 
 
-def check_many_tensors(device, dtype, quick: bool):
-    """The optimizer's multi-tensor launches (several tensors per Triton launch) against the twin, stepping the same
-    decoder-like set of shapes (rank-1 and block-wise v, an odd size) for 3 steps."""
-    from hf_ext.optim import AdamW4bit
-
+def check_many_tensors(device, dtype, quick: bool, optimizer_cls):
+    """The optimizer's multi-tensor launches (several tensors per Triton launch; for AdamW4bitFactor, 4-bit m with
+    the factored v given to the kernel) against the twin, stepping the same decoder-like set of shapes (rank-1 and
+    block-wise v, an odd size, a small fp32-state tensor) for 3 steps."""
     shapes = (
         [(64, 96), (130, 77), (5001,), (64,)] if quick else [(512, 512), (1536, 512), (512, 1536), (130, 77), (8193,)]
     )
@@ -178,7 +177,7 @@ def check_many_tensors(device, dtype, quick: bool):
     for kernel in (False, True):
         gen = torch.Generator(device="cpu").manual_seed(11)
         params = [torch.randn(shape, generator=gen).to(device, dtype).requires_grad_() for shape in shapes]
-        optimizer = AdamW4bit(params, lr=1e-3, weight_decay=0.01)
+        optimizer = optimizer_cls(params, lr=1e-3, weight_decay=0.01)
         for _ in range(3):
             for p in params:
                 p.grad = (torch.randn(p.shape, generator=gen) * 0.1).to(device, dtype)
@@ -186,7 +185,7 @@ def check_many_tensors(device, dtype, quick: bool):
                 optimizer.step()
         runs.append(params)
     worst = max(((a.double() - b.double()).abs().max() / 1e-3).item() for a, b in zip(*runs, strict=True))
-    record("adamw4bit multi-tensor launches vs twin (max dp / lr)", f"{len(shapes)} tensors", worst,
+    record(f"{optimizer_cls.__name__} multi-tensor launches vs twin (max dp / lr)", f"{len(shapes)} tensors", worst,
            0.0 if device == "cpu" else 1e-2)  # fmt: skip
 
 
@@ -213,6 +212,8 @@ def check_nonfinite_gradient(device):
 
 
 def main() -> int:
+    from hf_ext.optim import AdamW4bit, AdamW4bitFactor
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny shapes only (the CPU interpreter)")
@@ -243,7 +244,8 @@ def main() -> int:
                 if rank1:
                     check_rank1_statistics(device, dtype, shape, label)
         if dtype is not torch.float16:
-            check_many_tensors(device, dtype, args.quick)
+            for optimizer_cls in (AdamW4bit, AdamW4bitFactor):
+                check_many_tensors(device, dtype, args.quick, optimizer_cls)
     check_nonfinite_gradient(device)
     print("| check | case | error | bound | ok |\n|---|---|---:|---:|---|")
     for check, case, error, bound, ok in rows:

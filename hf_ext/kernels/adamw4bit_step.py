@@ -28,7 +28,8 @@ path steps all its tensors through them at once, the factored path calls them to
 - ``adamw4bit_step_cpu``: the same ops in C (``adamw4bit_step.c``, built by ``hf_ext.kernels.cpu_library``), one
   call per range of blocks on torch's thread count, with a first pass for the rank-1 statistics as on the GPU
   (``rank1_next_statistics_cpu``); bit for bit the twin's results, vectorised by the compiler.
-  ``adamw4bit_step_given_v`` is the step of ``AdamW4bitFactor``'s tensors: 4-bit m with a v the caller computed.
+  ``adamw4bit_step_given_v`` is the step of ``AdamW4bitFactor``'s tensors: 4-bit m with a v the caller computed, in
+  the same kernels (C and Triton) with v read instead of dequantized and requantized.
 
 Dispatch (``adamw4bit_step``): Triton for contiguous CUDA tensors when triton imports, the C kernel for contiguous
 fp32/bf16/fp16 CPU tensors when it builds, the twin elsewhere (rank-1 v with more than two non-singleton dimensions
@@ -57,7 +58,7 @@ BLOCKS_PER_PROGRAM = 4
 STATS_TILE = (16, 128)  # (rows, columns) of v each program of the rank-1 statistics pass reduces
 MAX_TENSORS_PER_LAUNCH = 64  # tensors one launch of the Triton kernels steps
 CPU_CHUNK_ELEMENTS = 1 << 16  # the fewest elements one thread of the C kernel takes
-V_BLOCK, V_RANK1, V_GIVEN = 0, 1, 2  # the C kernel's v modes
+V_BLOCK, V_RANK1, V_GIVEN = 0, 1, 2  # the kernels' v modes (C and Triton): block-wise, rank-1, given by the caller
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,8 @@ def _path(job: "StepJob", v_rank1: bool) -> str:
 
 def adamw4bit_step_given_v(param, grad, m_codes, m_absmax, v, scalars: StepScalars, block_size: int) -> None:
     """One AdamW step with 4-bit block-wise m and a second moment ``v`` computed by the caller (``AdamW4bitFactor``'s
-    factored v), in place: ``step_quantized_m`` then ``stepped_param``, fused in the C kernel on the CPU.
+    factored v), in place: ``step_quantized_m`` then ``stepped_param``, fused in the Triton kernel on CUDA and in the C
+    kernel on the CPU.
 
     Args:
         param: the parameter, N elements, fp32, bf16 or fp16; overwritten with the stepped value in its dtype.
@@ -207,6 +209,11 @@ def adamw4bit_step_given_v(param, grad, m_codes, m_absmax, v, scalars: StepScala
         v: fp32, N elements: this step's second moment (not quantized, not written).
         scalars: the step's hyper-parameters; block_size: elements per m block, even.
     """
+    if param.is_contiguous() and use_triton(param, "adamw4bit_step"):
+        v_unused = (m_codes, [m_absmax])  # a job's v codes and scales: neither read nor written with a given v
+        job = StepJob(param, grad.contiguous(), m_codes, m_absmax, *v_unused, scalars, v_given=v.contiguous())
+        adamw4bit_steps_triton([job], block_size, False)
+        return
     if param.is_contiguous() and _cpu_kernel(param, grad) is not None:
         _run_cpu_blocks(
             param, grad.contiguous(), m_codes, m_absmax, block_size, V_GIVEN, scalars, v_given=v.contiguous()
@@ -493,6 +500,7 @@ class StepJob:
     scalars: StepScalars
     reduce_stats: object = None
     new_stats: list[torch.Tensor] | None = None  # rank-1: this step's statistics, set by ``rank1_statistics_pass``
+    v_given: torch.Tensor | None = None  # fp32 v computed by the caller (v_codes, v_scales then unused, not written)
 
 
 def adamw4bit_step_triton(
@@ -529,7 +537,7 @@ def adamw4bit_steps_triton(jobs: list[StepJob], block_size: int, v_rank1: bool) 
 
     Args:
         jobs: contiguous tensors on one device, every param of one dtype and every grad of one dtype; rank-1 v of
-            two dimensions when ``v_rank1``.
+            two dimensions when ``v_rank1``; all or none with ``v_given`` (then not ``v_rank1``).
         block_size: elements per quantisation block, a power of two >= 2; v_rank1: rank-1 (True) or block-wise v.
     """
     _check_triton_jobs(jobs, block_size, v_rank1)
@@ -546,12 +554,13 @@ def adamw4bit_steps_triton(jobs: list[StepJob], block_size: int, v_rank1: bool) 
         device = chunk[0].param.device
         on_device = table.to(device)
         programs = int(table[-1, COLUMN["program_start"]])
+        mode = V_GIVEN if chunk[0].v_given is not None else (V_RANK1 if v_rank1 else V_BLOCK)
         if programs:
             _adamw4bit_kernel[(programs,)](
                 on_device, on_device.view(torch.float32), len(chunk),
                 quant4.dynamic_exponent_map(device), _midpoints("de", device),
                 quant4.linear_map(device), _midpoints("linear", device),
-                BLOCK=block_size, BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM, RANK1=v_rank1,
+                BLOCK=block_size, BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM, V_MODE=mode,
                 P_DTYPE=_TL_DTYPES[chunk[0].param.dtype], G_DTYPE=_TL_DTYPES[chunk[0].grad.dtype],
                 MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=TABLE_WIDTH,
             )  # fmt: skip
@@ -572,16 +581,18 @@ def _check_triton_jobs(jobs: list[StepJob], block_size: int, v_rank1: bool) -> N
             raise ValueError(f"the kernel handles rank-1 v of 2 dimensions, got {len(job.v_scales)}; use the twin")
         if not (job.param.is_contiguous() and job.grad.is_contiguous()):
             raise ValueError("adamw4bit_step_triton needs contiguous param and grad")
-        same = (job.param.dtype, job.grad.dtype, job.param.device)
-        if same != (jobs[0].param.dtype, jobs[0].grad.dtype, jobs[0].param.device):
-            raise ValueError("one launch needs one param dtype, one grad dtype and one device")
+        same = (job.param.dtype, job.grad.dtype, job.param.device, job.v_given is None)
+        if same != (jobs[0].param.dtype, jobs[0].grad.dtype, jobs[0].param.device, jobs[0].v_given is None):
+            raise ValueError("one launch needs one param dtype, one grad dtype, one device and one kind of v")
+        if job.v_given is not None and (v_rank1 or job.v_given.numel() != job.param.numel()):
+            raise ValueError("a given v is a full fp32 tensor with the param's elements, not a rank-1 layout")
 
 
 # The launch table: one int64 row per tensor, built on the host and copied to the device once per launch. The
 # kernels read its columns by position, in this order; the step's 7 fp32 scalars fill the last 4 columns.
 TABLE_COLUMNS = (
     "param", "grad", "m_codes", "m_absmax", "v_codes", "v_absmax", "old_row", "old_col", "new_row", "new_col",
-    "numel", "blocks", "rows", "cols", "program_start", "tile_start", "tile_cols", "grad_max", "scalars",
+    "numel", "blocks", "rows", "cols", "program_start", "tile_start", "tile_cols", "grad_max", "v_given", "scalars",
 )  # fmt: skip
 COLUMN = {name: index for index, name in enumerate(TABLE_COLUMNS)}
 TABLE_WIDTH = len(TABLE_COLUMNS) + 3
@@ -603,6 +614,8 @@ def _launch_table(jobs: list[StepJob], block_size: int, v_rank1: bool, grad_maxi
         table[i, : len(tensors)] = torch.tensor([t.data_ptr() for t in tensors])
         if grad_maxima is not None:
             table[i, COLUMN["grad_max"]] = grad_maxima[i].data_ptr()
+        if job.v_given is not None:
+            table[i, COLUMN["v_given"]] = job.v_given.data_ptr()
         across = math.ceil(cols / tile_cols)
         table[i, COLUMN["numel"] : COLUMN["grad_max"]] = torch.tensor(
             [job.param.numel(), blocks, rows, cols, programs, tiles, across]
@@ -656,7 +669,7 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
     @triton.jit
     def _adamw4bit_kernel(
         table_ptr, table_f32_ptr, n_tensors, de_ptr, de_mid_ptr, lin_ptr, lin_mid_ptr,
-        BLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, RANK1: tl.constexpr,
+        BLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, V_MODE: tl.constexpr,
         P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MAX_TENSORS: tl.constexpr, COLUMNS: tl.constexpr,
     ):  # fmt: skip
         t, program = _find_tensor(table_ptr, n_tensors, 14, MAX_TENSORS, COLUMNS)  # columns: TABLE_COLUMNS
@@ -668,7 +681,7 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         new_row_ptr, new_col_ptr = _address(table_ptr, row, 8, tl.float32), _address(table_ptr, row, 9, tl.float32)
         numel, num_blocks = tl.load(table_ptr + row + 10), tl.load(table_ptr + row + 11)
         n_cols = tl.load(table_ptr + row + 13)
-        scalars = table_f32_ptr + 2 * (row + 18)
+        scalars = table_f32_ptr + 2 * (row + 19)
         decay, one_minus_beta1, beta2 = tl.load(scalars), tl.load(scalars + 1), tl.load(scalars + 2)
         one_minus_beta2, bias_correction2_sqrt = tl.load(scalars + 3), tl.load(scalars + 4)
         neg_step_size, eps = tl.load(scalars + 5), tl.load(scalars + 6)
@@ -684,22 +697,24 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         packed_m = tl.load(m_codes_ptr + byte, mask=byte_ok, other=0).to(tl.int32)
         m_q = tl.reshape(tl.join(packed_m & 15, packed_m >> 4), (BLOCKS_PER_PROGRAM, BLOCK))
         m = tl.load(de_ptr + m_q) * tl.load(m_absmax_ptr + blocks, mask=block_ok, other=0.0)[:, None]
-        packed_v = tl.load(v_codes_ptr + byte, mask=byte_ok, other=0).to(tl.int32)
-        v_q = tl.reshape(tl.join(packed_v & 15, packed_v >> 4), (BLOCKS_PER_PROGRAM, BLOCK))
-        if RANK1:
-            r, c = elem // n_cols, elem % n_cols
-            old_scale = tl.minimum(
-                tl.load(old_row_ptr + r, mask=valid, other=0.0), tl.load(old_col_ptr + c, mask=valid, other=0.0)
-            )
-        else:
-            old_scale = tl.load(v_absmax_ptr + blocks, mask=block_ok, other=0.0)[:, None]
-        v = tl.load(lin_ptr + v_q) * old_scale
-
         p = tl.load(p_ptr + elem, mask=valid, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + elem, mask=valid, other=0.0).to(tl.float32)
         p = p * decay
         m = m + one_minus_beta1 * (g - m)
-        v = v * beta2 + (one_minus_beta2 * g) * g
+        if V_MODE == 2:  # V_GIVEN: this step's v, computed by the caller
+            v = tl.load(_address(table_ptr, row, 18, tl.float32) + elem, mask=valid, other=0.0)
+        else:
+            packed_v = tl.load(v_codes_ptr + byte, mask=byte_ok, other=0).to(tl.int32)
+            v_q = tl.reshape(tl.join(packed_v & 15, packed_v >> 4), (BLOCKS_PER_PROGRAM, BLOCK))
+            if V_MODE == 1:  # V_RANK1
+                r, c = elem // n_cols, elem % n_cols
+                old_scale = tl.minimum(
+                    tl.load(old_row_ptr + r, mask=valid, other=0.0), tl.load(old_col_ptr + c, mask=valid, other=0.0)
+                )
+            else:
+                old_scale = tl.load(v_absmax_ptr + blocks, mask=block_ok, other=0.0)[:, None]
+            v = tl.load(lin_ptr + v_q) * old_scale
+            v = v * beta2 + (one_minus_beta2 * g) * g
         m = tl.where(valid, m, 0.0)
         v = tl.where(valid, v, 0.0)
         denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias_correction2_sqrt) + eps
@@ -713,24 +728,26 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
 
         m_scale = tl.max(tl.abs(m), axis=1)
         m_hat = tl.math.div_rn(m, tl.where(m_scale > 0, m_scale, 1.0)[:, None])
-        if RANK1:
-            new_scale = tl.minimum(
-                tl.load(new_row_ptr + r, mask=valid, other=0.0), tl.load(new_col_ptr + c, mask=valid, other=0.0)
-            )
-        else:
-            new_scale = tl.max(v, axis=1)[:, None]
-            tl.store(v_absmax_ptr + blocks, tl.max(v, axis=1), mask=block_ok)
-        v_hat = tl.math.div_rn(v, tl.where(new_scale > 0, new_scale, 1.0))
         m_q = tl.zeros((BLOCKS_PER_PROGRAM, BLOCK), dtype=tl.int32)
-        v_q = tl.zeros((BLOCKS_PER_PROGRAM, BLOCK), dtype=tl.int32)
         for k in tl.static_range(15):  # nearest code = number of midpoints strictly below (ties go down; NaN: 15)
             m_q += 1 - (m_hat <= tl.load(de_mid_ptr + k)).to(tl.int32)
-            v_q += 1 - (v_hat <= tl.load(lin_mid_ptr + k)).to(tl.int32)
         m_lo, m_hi = tl.split(tl.reshape(m_q, (BLOCKS_PER_PROGRAM, HALF, 2)))
-        v_lo, v_hi = tl.split(tl.reshape(v_q, (BLOCKS_PER_PROGRAM, HALF, 2)))
         tl.store(m_codes_ptr + byte, (m_lo | (m_hi << 4)).to(tl.uint8), mask=byte_ok)
-        tl.store(v_codes_ptr + byte, (v_lo | (v_hi << 4)).to(tl.uint8), mask=byte_ok)
         tl.store(m_absmax_ptr + blocks, m_scale, mask=block_ok)
+        if V_MODE != 2:  # requantize v (a given v is the caller's)
+            if V_MODE == 1:
+                new_scale = tl.minimum(
+                    tl.load(new_row_ptr + r, mask=valid, other=0.0), tl.load(new_col_ptr + c, mask=valid, other=0.0)
+                )
+            else:
+                new_scale = tl.max(v, axis=1)[:, None]
+                tl.store(v_absmax_ptr + blocks, tl.max(v, axis=1), mask=block_ok)
+            v_hat = tl.math.div_rn(v, tl.where(new_scale > 0, new_scale, 1.0))
+            v_q = tl.zeros((BLOCKS_PER_PROGRAM, BLOCK), dtype=tl.int32)
+            for k in tl.static_range(15):
+                v_q += 1 - (v_hat <= tl.load(lin_mid_ptr + k)).to(tl.int32)
+            v_lo, v_hi = tl.split(tl.reshape(v_q, (BLOCKS_PER_PROGRAM, HALF, 2)))
+            tl.store(v_codes_ptr + byte, (v_lo | (v_hi << 4)).to(tl.uint8), mask=byte_ok)
 
     @triton.jit
     def _rank1_stats_kernel(
@@ -746,7 +763,7 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         grad_max_ptr = _address(table_ptr, row, 17, tl.float32)
         n_rows, n_cols = tl.load(table_ptr + row + 12), tl.load(table_ptr + row + 13)
         across = tl.load(table_ptr + row + 16)
-        scalars = table_f32_ptr + 2 * (row + 18)
+        scalars = table_f32_ptr + 2 * (row + 19)
         beta2, one_minus_beta2 = tl.load(scalars + 2), tl.load(scalars + 3)
 
         rows = (tile // across) * BLOCK_R + tl.arange(0, BLOCK_R)

@@ -121,6 +121,45 @@ def test_interpreted_optimizer_skips_a_nonfinite_rank1_tensor_found_by_the_stati
     assert_runs_equal(*runs)
 
 
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpreted_given_v_step_equals_its_twin(dtype, monkeypatch):
+    """``adamw4bit_step_given_v`` (AdamW4bitFactor's step) through the Triton kernel: parameter, m codes and scales
+    bit for bit the twin's (step_quantized_m, then stepped_param), and v is not written."""
+    shape = (37, 129)  # blocks that cut rows, an odd element count
+    gen = torch.Generator().manual_seed(5)
+    param = torch.randn(shape, generator=gen).to(dtype)
+    m_codes, m_absmax = quant.quantize_blockwise(
+        torch.randn(shape, generator=gen) * 1e-2, quant.dynamic_exponent_map(), 64
+    )
+    grad = (torch.randn(shape, generator=gen) * 0.1).to(dtype)
+    v = torch.rand(shape, generator=gen) * 1e-3
+    scalars = fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 1e-2, 2)
+    runs = []
+    for force in (True, False):
+        monkeypatch.setattr(fused, "use_triton", lambda tensor, kernel, force=force: force)
+        monkeypatch.setenv("HF_EXT_DISABLE_CPU_KERNELS", "1")
+        state = (param.clone(), m_codes.clone(), m_absmax.clone(), v.clone())
+        fused.adamw4bit_step_given_v(state[0], grad, state[1], state[2], state[3], scalars, 64)
+        runs.append(state)
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True)) and torch.equal(runs[0][3], v)
+    assert not torch.equal(runs[0][0], param)
+
+
+@interpreted
+def test_interpreted_factor_optimizer_through_the_kernel_equals_the_twin(monkeypatch):
+    """AdamW4bitFactor's 4-bit m steps through the Triton kernel (the factored v given): whole runs equal the
+    twin's."""
+    from hf_ext.optim import AdamW4bitFactor
+
+    monkeypatch.setenv("HF_EXT_DISABLE_CPU_KERNELS", "1")
+    runs = []
+    for force in (False, True):
+        monkeypatch.setattr(fused, "use_triton", lambda tensor, kernel, force=force: force)
+        runs.append(optimizer_run(AdamW4bitFactor, [(40, 130), (5000,), (2, 30, 90)]))
+    assert_runs_equal(*runs)
+
+
 def optimizer_run(optimizer, shapes, dtype=torch.float32, steps=3, **kwargs):
     """(params, optimizer) after ``steps`` steps on seeded random parameters of ``shapes`` and gradients."""
     gen = torch.Generator().manual_seed(0)
