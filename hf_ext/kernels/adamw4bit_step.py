@@ -28,8 +28,9 @@ path steps all its tensors through them at once, the factored path calls them to
 - ``adamw4bit_step_cpu``: the same ops in C (``adamw4bit_step.c``, built by ``hf_ext.kernels.cpu_library``), one
   call per range of blocks on torch's thread count, with a first pass for the rank-1 statistics as on the GPU
   (``rank1_next_statistics_cpu``); bit for bit the twin's results, vectorised by the compiler.
-  ``adamw4bit_step_given_v`` is the step of ``AdamW4bitFactor``'s tensors: 4-bit m with a v the caller computed, in
-  the same kernels (C and Triton) with v read instead of dequantized and requantized.
+  ``adamw4bit_step_factored`` is the step of ``AdamW4bitFactor``'s tensors: 4-bit m with v = (R / mean R)_i C_j,
+  formed in the Triton kernel's registers on CUDA (``squared_means``, one Triton pass, gives R and C their inputs),
+  given as a tensor to the C kernel (``adamw4bit_step_given_v``) on the CPU.
 
 Dispatch (``adamw4bit_step``): Triton for contiguous CUDA tensors when triton imports, the C kernel for contiguous
 fp32/bf16/fp16 CPU tensors when it builds, the twin elsewhere (rank-1 v with more than two non-singleton dimensions
@@ -56,9 +57,15 @@ from hf_ext.kernels.dispatch import cpu_kernel, tl, triton, use_triton  # noqa: 
 
 BLOCKS_PER_PROGRAM = 4
 STATS_TILE = (16, 128)  # (rows, columns) of v each program of the rank-1 statistics pass reduces
+SUM_ROW_TILES = 8  # STATS_TILEs one program of the factored statistics pass sums down a column strip
 MAX_TENSORS_PER_LAUNCH = 64  # tensors one launch of the Triton kernels steps
 CPU_CHUNK_ELEMENTS = 1 << 16  # the fewest elements one thread of the C kernel takes
-V_BLOCK, V_RANK1, V_GIVEN = 0, 1, 2  # the kernels' v modes (C and Triton): block-wise, rank-1, given by the caller
+V_BLOCK, V_RANK1, V_GIVEN, V_FACTORED = (
+    0,
+    1,
+    2,
+    3,
+)  # v modes: block-wise, rank-1 (both kernels), given (C), factored (Triton)
 
 
 @dataclass(frozen=True)
@@ -199,8 +206,7 @@ def _path(job: "StepJob", v_rank1: bool) -> str:
 
 def adamw4bit_step_given_v(param, grad, m_codes, m_absmax, v, scalars: StepScalars, block_size: int) -> None:
     """One AdamW step with 4-bit block-wise m and a second moment ``v`` computed by the caller (``AdamW4bitFactor``'s
-    factored v), in place: ``step_quantized_m`` then ``stepped_param``, fused in the Triton kernel on CUDA and in the C
-    kernel on the CPU.
+    factored v), in place: ``step_quantized_m`` then ``stepped_param``, fused in the C kernel on the CPU.
 
     Args:
         param: the parameter, N elements, fp32, bf16 or fp16; overwritten with the stepped value in its dtype.
@@ -209,11 +215,6 @@ def adamw4bit_step_given_v(param, grad, m_codes, m_absmax, v, scalars: StepScala
         v: fp32, N elements: this step's second moment (not quantized, not written).
         scalars: the step's hyper-parameters; block_size: elements per m block, even.
     """
-    if param.is_contiguous() and use_triton(param, "adamw4bit_step"):
-        v_unused = (m_codes, [m_absmax])  # a job's v codes and scales: neither read nor written with a given v
-        job = StepJob(param, grad.contiguous(), m_codes, m_absmax, *v_unused, scalars, v_given=v.contiguous())
-        adamw4bit_steps_triton([job], block_size, False)
-        return
     if param.is_contiguous() and _cpu_kernel(param, grad) is not None:
         _run_cpu_blocks(
             param, grad.contiguous(), m_codes, m_absmax, block_size, V_GIVEN, scalars, v_given=v.contiguous()
@@ -225,6 +226,49 @@ def adamw4bit_step_given_v(param, grad, m_codes, m_absmax, v, scalars: StepScala
 
 # The element-wise ops of the update on lists of tensors (one multi-tensor launch per op on CUDA: an optimizer's many
 # small fp32-state tensors step together); ``scalars`` holds each tensor's ``StepScalars``.
+
+
+def adamw4bit_step_factored(param, grad, m_codes, m_absmax, ratio, col, scalars: StepScalars, block_size: int) -> None:
+    """``AdamW4bitFactor``'s step of a factored tensor, in place: 4-bit block-wise m with this step's v =
+    ``factored_v(ratio, col)``, formed element by element in the Triton kernel on CUDA (no full-size v in memory),
+    as a tensor for ``adamw4bit_step_given_v`` elsewhere; the same v bits either way.
+
+    Args:
+        param: the parameter, (..., R, C), fp32, bf16 or fp16; overwritten with the stepped value in its dtype.
+        grad: its gradient, the shape of ``param`` (any float dtype, upcast to fp32).
+        m_codes: uint8 (ceil(N / 2),) packed DE-map codes of m; m_absmax: fp32 (ceil(N / block_size),); rewritten.
+        ratio: fp32 (..., R), R / mean(R) of the new row statistics; col: fp32 (..., C), the new column statistics.
+        scalars: the step's hyper-parameters; block_size: elements per m block, a power of two >= 2.
+    """
+    if param.is_contiguous() and use_triton(param, "adamw4bit_step"):
+        factors = [ratio.contiguous().view(-1), col.contiguous().view(-1)]
+        job = StepJob(param, grad.contiguous(), m_codes, m_absmax, m_codes, factors, scalars, factored=ratio.shape[-1])
+        adamw4bit_steps_triton([job], block_size, False)
+        return
+    adamw4bit_step_given_v(param, grad, m_codes, m_absmax, factored_v(ratio, col), scalars, block_size)
+
+
+def factored_v(ratio: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """The factored second moment ``ratio[..., i] * col[..., j]``, fp32 (..., R, C), from (..., R) and (..., C)."""
+    return ratio.unsqueeze(-1) * col.unsqueeze(-2)
+
+
+def squared_means(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The means of g^2 over the last dimension and over the second-to-last, in fp32: what AdamW4bitFactor's row and
+    column statistics average. One Triton pass over g for contiguous CUDA tensors (per-tile partial sums, summed in a
+    fixed order: deterministic, another summation order than the twin's), the twin elsewhere.
+
+    Args:
+        grad: (..., R, C), any float dtype.
+
+    Returns:
+        (fp32 (..., R), fp32 (..., C)).
+    """
+    if grad.numel() and grad.is_contiguous() and use_triton(grad, "adamw4bit_step"):
+        return _squared_means_triton(grad)
+    g = grad.float()
+    squared = g * g
+    return squared.mean(dim=-1), squared.mean(dim=-2)
 
 
 def next_m(ms: list[torch.Tensor], grads: list[torch.Tensor], scalars: list[StepScalars]) -> list[torch.Tensor]:
@@ -500,7 +544,7 @@ class StepJob:
     scalars: StepScalars
     reduce_stats: object = None
     new_stats: list[torch.Tensor] | None = None  # rank-1: this step's statistics, set by ``rank1_statistics_pass``
-    v_given: torch.Tensor | None = None  # fp32 v computed by the caller (v_codes, v_scales then unused, not written)
+    factored: int | None = None  # R: v_scales are then (R / mean(R), C) of AdamW4bitFactor (v_codes unused)
 
 
 def adamw4bit_step_triton(
@@ -537,7 +581,7 @@ def adamw4bit_steps_triton(jobs: list[StepJob], block_size: int, v_rank1: bool) 
 
     Args:
         jobs: contiguous tensors on one device, every param of one dtype and every grad of one dtype; rank-1 v of
-            two dimensions when ``v_rank1``; all or none with ``v_given`` (then not ``v_rank1``).
+            two dimensions when ``v_rank1``; all or none ``factored`` (then not ``v_rank1``).
         block_size: elements per quantisation block, a power of two >= 2; v_rank1: rank-1 (True) or block-wise v.
     """
     _check_triton_jobs(jobs, block_size, v_rank1)
@@ -554,7 +598,7 @@ def adamw4bit_steps_triton(jobs: list[StepJob], block_size: int, v_rank1: bool) 
         device = chunk[0].param.device
         on_device = table.to(device)
         programs = int(table[-1, COLUMN["program_start"]])
-        mode = V_GIVEN if chunk[0].v_given is not None else (V_RANK1 if v_rank1 else V_BLOCK)
+        mode = V_FACTORED if chunk[0].factored else (V_RANK1 if v_rank1 else V_BLOCK)
         if programs:
             _adamw4bit_kernel[(programs,)](
                 on_device, on_device.view(torch.float32), len(chunk),
@@ -581,18 +625,18 @@ def _check_triton_jobs(jobs: list[StepJob], block_size: int, v_rank1: bool) -> N
             raise ValueError(f"the kernel handles rank-1 v of 2 dimensions, got {len(job.v_scales)}; use the twin")
         if not (job.param.is_contiguous() and job.grad.is_contiguous()):
             raise ValueError("adamw4bit_step_triton needs contiguous param and grad")
-        same = (job.param.dtype, job.grad.dtype, job.param.device, job.v_given is None)
-        if same != (jobs[0].param.dtype, jobs[0].grad.dtype, jobs[0].param.device, jobs[0].v_given is None):
+        same = (job.param.dtype, job.grad.dtype, job.param.device, bool(job.factored))
+        if same != (jobs[0].param.dtype, jobs[0].grad.dtype, jobs[0].param.device, bool(jobs[0].factored)):
             raise ValueError("one launch needs one param dtype, one grad dtype, one device and one kind of v")
-        if job.v_given is not None and (v_rank1 or job.v_given.numel() != job.param.numel()):
-            raise ValueError("a given v is a full fp32 tensor with the param's elements, not a rank-1 layout")
+        if job.factored and v_rank1:
+            raise ValueError("factored v is not a rank-1 layout")
 
 
 # The launch table: one int64 row per tensor, built on the host and copied to the device once per launch. The
 # kernels read its columns by position, in this order; the step's 7 fp32 scalars fill the last 4 columns.
 TABLE_COLUMNS = (
     "param", "grad", "m_codes", "m_absmax", "v_codes", "v_absmax", "old_row", "old_col", "new_row", "new_col",
-    "numel", "blocks", "rows", "cols", "program_start", "tile_start", "tile_cols", "grad_max", "v_given", "scalars",
+    "numel", "blocks", "rows", "cols", "program_start", "tile_start", "tile_cols", "grad_max", "scalars",
 )  # fmt: skip
 COLUMN = {name: index for index, name in enumerate(TABLE_COLUMNS)}
 TABLE_WIDTH = len(TABLE_COLUMNS) + 3
@@ -607,15 +651,16 @@ def _launch_table(jobs: list[StepJob], block_size: int, v_rank1: bool, grad_maxi
     tile_rows, tile_cols = STATS_TILE
     for i, job in enumerate(jobs):
         blocks = quant4.num_blocks(job.param.numel(), block_size)
-        rows, cols = (job.v_scales[0].numel(), job.v_scales[1].numel()) if v_rank1 else (1, 1)
-        old = job.v_scales if v_rank1 else [job.v_scales[0]] * 2
+        if v_rank1:
+            rows, cols = job.v_scales[0].numel(), job.v_scales[1].numel()
+        else:  # factored: R and C of each (R, C) slice; block-wise: unused
+            rows, cols = (job.factored, job.param.shape[-1]) if job.factored else (1, 1)
+        old = job.v_scales if v_rank1 or job.factored else [job.v_scales[0]] * 2
         new = job.new_stats if v_rank1 else old
         tensors = [job.param, job.grad, job.m_codes, job.m_absmax, job.v_codes, job.v_scales[0], *old, *new]
         table[i, : len(tensors)] = torch.tensor([t.data_ptr() for t in tensors])
         if grad_maxima is not None:
             table[i, COLUMN["grad_max"]] = grad_maxima[i].data_ptr()
-        if job.v_given is not None:
-            table[i, COLUMN["v_given"]] = job.v_given.data_ptr()
         across = math.ceil(cols / tile_cols)
         table[i, COLUMN["numel"] : COLUMN["grad_max"]] = torch.tensor(
             [job.param.numel(), blocks, rows, cols, programs, tiles, across]
@@ -625,6 +670,23 @@ def _launch_table(jobs: list[StepJob], block_size: int, v_rank1: bool, grad_maxi
         tiles += math.ceil(rows / tile_rows) * across
     table[-1, COLUMN["program_start"]], table[-1, COLUMN["tile_start"]] = programs, tiles
     return table
+
+
+def _squared_means_triton(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``squared_means`` in one Triton pass: each program squares a strip of ``SUM_ROW_TILES`` tiles of
+    ``STATS_TILE`` of one (R, C) slice in fp32 and writes each tile's row sums and the strip's column sums; the
+    partial sums are then added in a fixed order and divided."""
+    *batch, n_rows, n_cols = grad.shape
+    slices = math.prod(batch)
+    tile_rows, tile_cols = STATS_TILE
+    row_groups, col_tiles = math.ceil(n_rows / (tile_rows * SUM_ROW_TILES)), math.ceil(n_cols / tile_cols)
+    row_parts = torch.empty(col_tiles, slices * n_rows, device=grad.device)
+    col_parts = torch.empty(row_groups, slices * n_cols, device=grad.device)
+    _squared_sums_kernel[(slices * row_groups * col_tiles,)](
+        grad, row_parts, col_parts, n_rows, n_cols, slices,
+        BLOCK_R=tile_rows, BLOCK_C=tile_cols, ROW_TILES=SUM_ROW_TILES,
+    )  # fmt: skip
+    return (row_parts.sum(0) / n_cols).view(*batch, n_rows), (col_parts.sum(0) / n_rows).view(*batch, n_cols)
 
 
 def _rank1_pass_triton(jobs: list[StepJob]) -> list[torch.Tensor]:
@@ -680,8 +742,8 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         old_row_ptr, old_col_ptr = _address(table_ptr, row, 6, tl.float32), _address(table_ptr, row, 7, tl.float32)
         new_row_ptr, new_col_ptr = _address(table_ptr, row, 8, tl.float32), _address(table_ptr, row, 9, tl.float32)
         numel, num_blocks = tl.load(table_ptr + row + 10), tl.load(table_ptr + row + 11)
-        n_cols = tl.load(table_ptr + row + 13)
-        scalars = table_f32_ptr + 2 * (row + 19)
+        n_rows, n_cols = tl.load(table_ptr + row + 12), tl.load(table_ptr + row + 13)
+        scalars = table_f32_ptr + 2 * (row + 18)
         decay, one_minus_beta1, beta2 = tl.load(scalars), tl.load(scalars + 1), tl.load(scalars + 2)
         one_minus_beta2, bias_correction2_sqrt = tl.load(scalars + 3), tl.load(scalars + 4)
         neg_step_size, eps = tl.load(scalars + 5), tl.load(scalars + 6)
@@ -701,8 +763,11 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         g = tl.load(g_ptr + elem, mask=valid, other=0.0).to(tl.float32)
         p = p * decay
         m = m + one_minus_beta1 * (g - m)
-        if V_MODE == 2:  # V_GIVEN: this step's v, computed by the caller
-            v = tl.load(_address(table_ptr, row, 18, tl.float32) + elem, mask=valid, other=0.0)
+        if V_MODE == 3:  # V_FACTORED: v = (R / mean R)[row] * C[col] of each (R, C) slice, as factored_v
+            flat_row, c = elem // n_cols, elem % n_cols
+            v = tl.load(old_row_ptr + flat_row, mask=valid, other=0.0) * tl.load(
+                old_col_ptr + (flat_row // n_rows) * n_cols + c, mask=valid, other=0.0
+            )
         else:
             packed_v = tl.load(v_codes_ptr + byte, mask=byte_ok, other=0).to(tl.int32)
             v_q = tl.reshape(tl.join(packed_v & 15, packed_v >> 4), (BLOCKS_PER_PROGRAM, BLOCK))
@@ -734,7 +799,7 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         m_lo, m_hi = tl.split(tl.reshape(m_q, (BLOCKS_PER_PROGRAM, HALF, 2)))
         tl.store(m_codes_ptr + byte, (m_lo | (m_hi << 4)).to(tl.uint8), mask=byte_ok)
         tl.store(m_absmax_ptr + blocks, m_scale, mask=block_ok)
-        if V_MODE != 2:  # requantize v (a given v is the caller's)
+        if V_MODE != 3:  # requantize v (a factored v is not stored)
             if V_MODE == 1:
                 new_scale = tl.minimum(
                     tl.load(new_row_ptr + r, mask=valid, other=0.0), tl.load(new_col_ptr + c, mask=valid, other=0.0)
@@ -750,6 +815,29 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
             tl.store(v_codes_ptr + byte, (v_lo | (v_hi << 4)).to(tl.uint8), mask=byte_ok)
 
     @triton.jit
+    def _squared_sums_kernel(
+        g_ptr, row_parts_ptr, col_parts_ptr, n_rows, n_cols, n_slices,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROW_TILES: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        row_groups, col_tiles = tl.cdiv(n_rows, BLOCK_R * ROW_TILES), tl.cdiv(n_cols, BLOCK_C)
+        slice_ = pid // (row_groups * col_tiles)
+        row_group, col_tile = (pid // col_tiles) % row_groups, pid % col_tiles
+        cols = col_tile * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < n_cols
+        col_sums = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for k in tl.static_range(ROW_TILES):  # a column strip of ROW_TILES tiles: one column partial per strip
+            rows = (row_group * ROW_TILES + k) * BLOCK_R + tl.arange(0, BLOCK_R)
+            row_ok = rows < n_rows
+            flat_rows = slice_ * n_rows + rows
+            elem = flat_rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+            g = tl.load(g_ptr + elem, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            squared = g * g
+            tl.store(row_parts_ptr + col_tile * n_slices * n_rows + flat_rows, tl.sum(squared, axis=1), mask=row_ok)
+            col_sums += tl.sum(squared, axis=0)
+        tl.store(col_parts_ptr + (row_group * n_slices + slice_) * n_cols + cols, col_sums, mask=col_ok)
+
+    @triton.jit
     def _rank1_stats_kernel(
         table_ptr, table_f32_ptr, n_tensors, lin_ptr,
         G_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -763,7 +851,7 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         grad_max_ptr = _address(table_ptr, row, 17, tl.float32)
         n_rows, n_cols = tl.load(table_ptr + row + 12), tl.load(table_ptr + row + 13)
         across = tl.load(table_ptr + row + 16)
-        scalars = table_f32_ptr + 2 * (row + 19)
+        scalars = table_f32_ptr + 2 * (row + 18)
         beta2, one_minus_beta2 = tl.load(scalars + 2), tl.load(scalars + 3)
 
         rows = (tile // across) * BLOCK_R + tl.arange(0, BLOCK_R)

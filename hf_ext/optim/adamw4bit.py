@@ -622,24 +622,23 @@ class AdamW4bit(Optimizer):
         torch._foreach_copy_(params, stepped)
 
     def _factored_step(self, p, grad, state, scalars, block_size, m_layout, shards) -> None:
-        """Factored v: its statistics on whole tensors, then the fused step given v (``adamw4bit_step_given_v``) for
+        """Factored v: its statistics, then the fused step with v = (R / mean(R)) C (``adamw4bit_step_factored``) for
         4-bit m, the element-wise ops for fp32 m."""
-        grad = grad.float()
-        exp_avg_sq = self._factored_second_moment(state, grad, scalars, shards)
+        ratio, col = self._factored_second_moment(state, grad, scalars, shards)
         if m_layout == "q4":
             if p.numel():  # an empty shard took part in the factored sums above
                 codes, absmax = state["exp_avg_codes"].view(-1), state["exp_avg_absmax"].view(-1)
-                fused.adamw4bit_step_given_v(p, grad, codes, absmax, exp_avg_sq, scalars, block_size)
+                fused.adamw4bit_step_factored(p, grad, codes, absmax, ratio, col, scalars, block_size)
             return
-        exp_avg = fused.next_m([state["exp_avg"]], [grad], [scalars])[0]
+        exp_avg = fused.next_m([state["exp_avg"]], [grad.float()], [scalars])[0]
         state["exp_avg"].copy_(exp_avg)
-        p.copy_(fused.stepped_param([p.float()], [exp_avg], [exp_avg_sq], [scalars])[0])
+        p.copy_(fused.stepped_param([p.float()], [exp_avg], [fused.factored_v(ratio, col)], [scalars])[0])
 
     @staticmethod
-    def _factored_second_moment(state: dict, grad: torch.Tensor, scalars, shards=None) -> torch.Tensor:
-        """Update R, C in place (separately rounded fp32 ops) and return the new v = (R / mean(R)) C; for a 2-D
-        shard, the means over rows are sums across the shard group over the global row count."""
-        squared = grad * grad
+    def _factored_second_moment(state: dict, grad: torch.Tensor, scalars, shards=None):
+        """Update R, C in place (separately rounded fp32 ops) from the means of g^2 (``fused.squared_means``) and
+        return (R / mean(R), C), the factors of the new v (``fused.factored_v``); for a 2-D shard, the means over
+        rows are sums across the shard group over the global row count."""
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
 
         def mean_over_rows(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
@@ -649,11 +648,16 @@ class AdamW4bit(Optimizer):
             shards.all_sum([total])
             return total / shards.rows
 
-        row.copy_(row * scalars.beta2 + scalars.one_minus_beta2 * squared.mean(dim=-1))
-        col.copy_(col * scalars.beta2 + scalars.one_minus_beta2 * mean_over_rows(squared, -2))
+        if shards is None or grad.dim() != 2:
+            row_in, col_in = fused.squared_means(grad)
+        else:
+            squared = grad.float() * grad.float()
+            row_in, col_in = squared.mean(dim=-1), mean_over_rows(squared, -2)
+        row.copy_(row * scalars.beta2 + scalars.one_minus_beta2 * row_in)
+        col.copy_(col * scalars.beta2 + scalars.one_minus_beta2 * col_in)
         row_mean = mean_over_rows(row, -1, keepdim=True)
         row_mean = torch.where(row_mean > 0, row_mean, torch.ones_like(row_mean))
-        return (row / row_mean).unsqueeze(-1) * col.unsqueeze(-2)
+        return row / row_mean, col
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Check the layout of every state against its parameter, then load without casting codes or scales.

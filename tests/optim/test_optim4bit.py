@@ -325,10 +325,12 @@ def test_factored_estimate_equals_adafactor_rank1():
     squared = (1 - 0.999) * grad**2
     row_sum, col_sum = squared.sum(1), squared.sum(0)
     estimate = torch.outer(row_sum, col_sum) / row_sum.sum()
-    got = AdamW4bitFactor._factored_second_moment(
-        {"exp_avg_sq_row": state["exp_avg_sq_row"] / 0.999, "exp_avg_sq_col": state["exp_avg_sq_col"] / 0.999},
-        torch.zeros(6, 5),
-        fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 0.0, 2),
+    got = fused.factored_v(
+        *AdamW4bitFactor._factored_second_moment(
+            {"exp_avg_sq_row": state["exp_avg_sq_row"] / 0.999, "exp_avg_sq_col": state["exp_avg_sq_col"] / 0.999},
+            torch.zeros(6, 5),
+            fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 0.0, 2),
+        )
     )
     torch.testing.assert_close(got, estimate, rtol=1e-5, atol=0)
 
