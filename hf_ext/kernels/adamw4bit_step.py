@@ -253,22 +253,24 @@ def factored_v(ratio: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     return ratio.unsqueeze(-1) * col.unsqueeze(-2)
 
 
-def squared_means(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def squared_means(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The means of g^2 over the last dimension and over the second-to-last, in fp32: what AdamW4bitFactor's row and
     column statistics average. One Triton pass over g for contiguous CUDA tensors (per-tile partial sums, summed in a
-    fixed order: deterministic, another summation order than the twin's), the twin elsewhere.
+    fixed order: deterministic, another summation order than the twin's), which also gives the largest |g|; the twin
+    elsewhere.
 
     Args:
         grad: (..., R, C), any float dtype.
 
     Returns:
-        (fp32 (..., R), fp32 (..., C)).
+        (fp32 (..., R), fp32 (..., C), the 0-d fp32 largest |g| from the Triton pass (not finite exactly when a g is
+        not; NaN reads as inf), or None from the twin).
     """
     if grad.numel() and grad.is_contiguous() and use_triton(grad, "adamw4bit_step"):
         return _squared_means_triton(grad)
     g = grad.float()
     squared = g * g
-    return squared.mean(dim=-1), squared.mean(dim=-2)
+    return squared.mean(dim=-1), squared.mean(dim=-2), None
 
 
 def next_m(ms: list[torch.Tensor], grads: list[torch.Tensor], scalars: list[StepScalars]) -> list[torch.Tensor]:
@@ -672,21 +674,23 @@ def _launch_table(jobs: list[StepJob], block_size: int, v_rank1: bool, grad_maxi
     return table
 
 
-def _squared_means_triton(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _squared_means_triton(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``squared_means`` in one Triton pass: each program squares a strip of ``SUM_ROW_TILES`` tiles of
-    ``STATS_TILE`` of one (R, C) slice in fp32 and writes each tile's row sums and the strip's column sums; the
-    partial sums are then added in a fixed order and divided."""
+    ``STATS_TILE`` of one (R, C) slice in fp32 and writes each tile's row sums and the strip's column sums, then
+    merges its largest |g| with an atomic max; the partial sums are added in a fixed order and divided."""
     *batch, n_rows, n_cols = grad.shape
     slices = math.prod(batch)
     tile_rows, tile_cols = STATS_TILE
     row_groups, col_tiles = math.ceil(n_rows / (tile_rows * SUM_ROW_TILES)), math.ceil(n_cols / tile_cols)
     row_parts = torch.empty(col_tiles, slices * n_rows, device=grad.device)
     col_parts = torch.empty(row_groups, slices * n_cols, device=grad.device)
+    grad_max = torch.zeros((), device=grad.device)
     _squared_sums_kernel[(slices * row_groups * col_tiles,)](
-        grad, row_parts, col_parts, n_rows, n_cols, slices,
+        grad, row_parts, col_parts, grad_max, n_rows, n_cols, slices,
         BLOCK_R=tile_rows, BLOCK_C=tile_cols, ROW_TILES=SUM_ROW_TILES,
     )  # fmt: skip
-    return (row_parts.sum(0) / n_cols).view(*batch, n_rows), (col_parts.sum(0) / n_rows).view(*batch, n_cols)
+    rows, cols = (row_parts.sum(0) / n_cols).view(*batch, n_rows), (col_parts.sum(0) / n_rows).view(*batch, n_cols)
+    return rows, cols, grad_max
 
 
 def _rank1_pass_triton(jobs: list[StepJob]) -> list[torch.Tensor]:
@@ -816,7 +820,7 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
 
     @triton.jit
     def _squared_sums_kernel(
-        g_ptr, row_parts_ptr, col_parts_ptr, n_rows, n_cols, n_slices,
+        g_ptr, row_parts_ptr, col_parts_ptr, grad_max_ptr, n_rows, n_cols, n_slices,
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROW_TILES: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
@@ -826,6 +830,7 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         cols = col_tile * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < n_cols
         col_sums = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        magnitude = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for k in tl.static_range(ROW_TILES):  # a column strip of ROW_TILES tiles: one column partial per strip
             rows = (row_group * ROW_TILES + k) * BLOCK_R + tl.arange(0, BLOCK_R)
             row_ok = rows < n_rows
@@ -835,7 +840,9 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
             squared = g * g
             tl.store(row_parts_ptr + col_tile * n_slices * n_rows + flat_rows, tl.sum(squared, axis=1), mask=row_ok)
             col_sums += tl.sum(squared, axis=0)
+            magnitude = tl.maximum(magnitude, tl.max(tl.where(g == g, tl.abs(g), float("inf")), axis=0))  # NaN: inf
         tl.store(col_parts_ptr + (row_group * n_slices + slice_) * n_cols + cols, col_sums, mask=col_ok)
+        tl.atomic_max(grad_max_ptr, tl.max(magnitude, axis=0))
 
     @triton.jit
     def _rank1_stats_kernel(

@@ -453,7 +453,7 @@ class AdamW4bit(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
         splits = [sharded.shards_of(p, type(self).__name__) for _, _, p in work]
-        prepared = self._rank1_prepass(work, splits)
+        prepared = self._prepass(work, splits)
         finite = self._finite_grads([p for _, _, p in work], splits, prepared)
         for (group, index, p), ok in zip(work, finite, strict=True):
             if not ok and group["nonfinite_grads"] == "raise":
@@ -469,30 +469,39 @@ class AdamW4bit(Optimizer):
                 fused.adamw4bit_steps(jobs, *key)
         return loss
 
-    def _rank1_prepass(self, work: list, splits: list) -> list:
-        """For each parameter that already has a 4-bit rank-1 state stepped by a compiled kernel (``work[i]``'s local
-        tensors; not a DTensor whose state is replicated): (its ``StepJob`` for this step, with the new statistics
-        reduced, ``fused.rank1_statistics_pass``; its largest |g|), else None. That pass reads g and the old v
-        codes once for both the statistics and the finiteness check; nothing in the state changes."""
+    def _prepass(self, work: list, splits: list) -> list:
+        """The first pass over g of the steps that have one, run for all of them before anything changes, so that
+        the largest |g| it gives checks g without another read. For each ``work[i]``, (what its step then takes, its
+        largest |g| or None), or None:
+
+        - a 4-bit rank-1 state stepped by a compiled kernel (plain or row-sharded tensor): its ``StepJob`` for this
+          step with the new statistics (``fused.rank1_statistics_pass``; its g and old v codes read once);
+        - a factored v of a plain tensor, from its first step: the means of g^2 (``fused.squared_means``; |g|max from
+          its Triton pass).
+
+        Nothing in the state changes here."""
+        prepared: list = [None] * len(work)
         jobs, where = [], []
         for i, ((group, _, p), shards) in enumerate(zip(work, splits, strict=True)):
             state = self.state.get(p, {})  # no entry is created for a parameter that has no state yet
-            local = self._local_step(p, state, group, shards) if state_layout(state) == ("q4", "rank1") else None
-            if local is not None:
+            layout = state_layout(state) if state else choose_layout(p, group)
+            if state and layout == ("q4", "rank1") and (local := self._local_step(p, state, group, shards)):
                 jobs.append(self._job(*local, self._scalars(group, state["step"].item() + 1)))
                 where.append(i)
-        prepared = [None] * len(work)
+            elif layout[1] == "factored" and shards is None:
+                *means, grad_max = fused.squared_means(p.grad)
+                prepared[i] = (means, grad_max)
         for i, job, grad_max in zip(where, jobs, fused.rank1_statistics_pass(jobs), strict=True):
             if grad_max is not None:
                 prepared[i] = (job, grad_max)
         return prepared
 
     def _finite_grads(self, params: list[torch.Tensor], splits: list, prepared: list) -> list[bool]:
-        """Whether each gradient is finite: from the largest |g| of ``prepared`` (``_rank1_prepass``), else from one
+        """Whether each gradient is finite: from the largest |g| of ``prepared`` (``_prepass``), else from one
         multi-tensor read; one device sync for all of them (per device), DTensor flags agreed across their shard
         group."""
-        rest = [i for i, ready in enumerate(prepared) if ready is None]
         magnitudes = [None if ready is None else ready[1] for ready in prepared]
+        rest = [i for i, magnitude in enumerate(magnitudes) if magnitude is None]
         for i, magnitude in zip(rest, _largest_magnitudes([sharded.local(params[i].grad) for i in rest]), strict=True):
             magnitudes[i] = magnitude
         flags = sharded.all_finite(splits, _finite(magnitudes))
@@ -537,19 +546,19 @@ class AdamW4bit(Optimizer):
 
     def _update(self, p: torch.Tensor, group: dict, shards, fused_jobs: dict, ready=None) -> None:
         """Step ``p`` and its state, or add its 4-bit step to ``fused_jobs``; ``shards``: ``sharded.shards_of(p)``;
-        ``ready``: its job from ``_rank1_prepass`` when it has one."""
+        ``ready``: what ``_prepass`` prepared for its step, if anything."""
         state = self.state[p]
         if not state:
             self._init_state(p, group, state, shards)
         state["step"] += 1
         layout, block_size = state_layout(state), group["block_size"]
-        if ready:
+        if isinstance(ready, fused.StepJob):
             fused_jobs.setdefault((block_size, True), []).append(ready)
             return
         scalars = self._scalars(group, state["step"].item())
         local = self._local_step(p, state, group, shards)
         if local is not None:
-            self._step_tensor(*local, scalars, block_size, layout, fused_jobs)
+            self._step_tensor(*local, scalars, block_size, layout, fused_jobs, means=ready)
         else:  # replicated state: step the gathered parameter now, keep this rank's rows
             whole, local_state = p.full_tensor(), {k: sharded.local(v) for k, v in state.items()}
             self._step_tensor(whole, p.grad.full_tensor(), local_state, None, scalars, block_size, layout, None)
@@ -570,9 +579,10 @@ class AdamW4bit(Optimizer):
             return None
         return p.to_local(), p.grad.to_local(), {k: sharded.local(v) for k, v in state.items()}, shards
 
-    def _step_tensor(self, p, grad, state, shards, scalars, block_size, layout, fused_jobs) -> None:
+    def _step_tensor(self, p, grad, state, shards, scalars, block_size, layout, fused_jobs, means=None) -> None:
         """Step a plain tensor ``p`` (a shard's rows when ``shards`` is set) with its plain state tensors; a 4-bit or
-        fp32-state step joins ``fused_jobs`` (run at once when it is None)."""
+        fp32-state step joins ``fused_jobs`` (run at once when it is None); ``means``: a factored step's means of g^2
+        when ``_prepass`` has them."""
         m_layout, v_layout = layout
         if m_layout == "q4" and v_layout in ("block", "rank1"):
             job = self._job(p, grad, state, shards, scalars)
@@ -587,7 +597,7 @@ class AdamW4bit(Optimizer):
             else:
                 fused_jobs.setdefault("fp32", []).append(job)
         else:
-            self._factored_step(p, grad, state, scalars, block_size, m_layout, shards)
+            self._factored_step(p, grad, state, scalars, block_size, m_layout, shards, means)
 
     def _job(self, p, grad, state: dict, shards, scalars: fused.StepScalars) -> fused.StepJob:
         """The 4-bit step of plain tensors ``p`` and ``grad`` with their 4-bit ``state`` (``_step_tensor``'s)."""
@@ -621,10 +631,10 @@ class AdamW4bit(Optimizer):
         torch._foreach_copy_(vs + ms, new_v + new_m)
         torch._foreach_copy_(params, stepped)
 
-    def _factored_step(self, p, grad, state, scalars, block_size, m_layout, shards) -> None:
+    def _factored_step(self, p, grad, state, scalars, block_size, m_layout, shards, means=None) -> None:
         """Factored v: its statistics, then the fused step with v = (R / mean(R)) C (``adamw4bit_step_factored``) for
         4-bit m, the element-wise ops for fp32 m."""
-        ratio, col = self._factored_second_moment(state, grad, scalars, shards)
+        ratio, col = self._factored_second_moment(state, grad, scalars, shards, means)
         if m_layout == "q4":
             if p.numel():  # an empty shard took part in the factored sums above
                 codes, absmax = state["exp_avg_codes"].view(-1), state["exp_avg_absmax"].view(-1)
@@ -635,10 +645,10 @@ class AdamW4bit(Optimizer):
         p.copy_(fused.stepped_param([p.float()], [exp_avg], [fused.factored_v(ratio, col)], [scalars])[0])
 
     @staticmethod
-    def _factored_second_moment(state: dict, grad: torch.Tensor, scalars, shards=None):
-        """Update R, C in place (separately rounded fp32 ops) from the means of g^2 (``fused.squared_means``) and
-        return (R / mean(R), C), the factors of the new v (``fused.factored_v``); for a 2-D shard, the means over
-        rows are sums across the shard group over the global row count."""
+    def _factored_second_moment(state: dict, grad: torch.Tensor, scalars, shards=None, means=None):
+        """Update R, C in place (separately rounded fp32 ops) from the means of g^2 (``fused.squared_means``, or
+        ``means`` when given) and return (R / mean(R), C), the factors of the new v (``fused.factored_v``); for a 2-D
+        shard, the means over rows are sums across the shard group over the global row count."""
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
 
         def mean_over_rows(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
@@ -648,8 +658,10 @@ class AdamW4bit(Optimizer):
             shards.all_sum([total])
             return total / shards.rows
 
-        if shards is None or grad.dim() != 2:
-            row_in, col_in = fused.squared_means(grad)
+        if means is not None:
+            row_in, col_in = means
+        elif shards is None or grad.dim() != 2:
+            row_in, col_in, _ = fused.squared_means(grad)
         else:
             squared = grad.float() * grad.float()
             row_in, col_in = squared.mean(dim=-1), mean_over_rows(squared, -2)

@@ -122,6 +122,26 @@ def test_interpreted_optimizer_skips_a_nonfinite_rank1_tensor_found_by_the_stati
 
 
 @interpreted
+def test_interpreted_factor_optimizer_checks_gradients_in_its_statistics_pass(monkeypatch):
+    """Through the Triton branch, AdamW4bitFactor checks a factored tensor through the largest |g| of its statistics
+    pass (no separate read): an inf leaves that tensor and its state as they were, the other one steps."""
+    from hf_ext.optim import AdamW4bitFactor
+
+    read, real = [], adamw4bit._largest_magnitudes
+    monkeypatch.setattr(adamw4bit, "_largest_magnitudes", lambda grads: read.append(len(grads)) or real(grads))
+    monkeypatch.setattr(fused, "use_triton", lambda tensor, kernel: True)
+    (a, b), opt = optimizer_run(AdamW4bitFactor, [(40, 130), (2, 30, 90)], steps=2, nonfinite_grads="skip")
+    a_before, b_before = a.detach().clone(), b.detach().clone()
+    state_before = {k: v.clone() for k, v in opt.state[a].items()}
+    a.grad, b.grad = torch.randn(a.shape), torch.randn(b.shape)
+    a.grad[7, 3] = float("inf")
+    opt.step()
+    assert read == [0, 0, 0]  # every step, the first too: a factored state needs no history for the pass
+    assert torch.equal(a, a_before) and all(torch.equal(v, opt.state[a][k]) for k, v in state_before.items())
+    assert not torch.equal(b, b_before)
+
+
+@interpreted
 @pytest.mark.parametrize("shape", [(37, 129), (2, 30, 90)])  # blocks that cut rows; (R, C) slices
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_interpreted_factored_step_equals_its_twin(shape, dtype, monkeypatch):
@@ -150,13 +170,18 @@ def test_interpreted_factored_step_equals_its_twin(shape, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_interpreted_squared_means_match_fp64(shape, dtype, monkeypatch):
     """The Triton pass behind AdamW4bitFactor's statistics: means of g^2 over the last and second-to-last dimension,
-    within fp32 rounding of fp64 (another summation order than the twin's, so not its bits)."""
+    within fp32 rounding of fp64 (another summation order than the twin's, so not its bits), and the largest |g|,
+    which a NaN or inf in the last element makes non-finite."""
     monkeypatch.setattr(fused, "use_triton", lambda tensor, kernel: True)
     grad = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.1).to(dtype)
-    rows, cols = fused.squared_means(grad)
+    rows, cols, grad_max = fused.squared_means(grad)
     squared = grad.double() ** 2
     torch.testing.assert_close(rows.double(), squared.mean(-1), rtol=1e-6, atol=0)
     torch.testing.assert_close(cols.double(), squared.mean(-2), rtol=1e-6, atol=0)
+    assert grad_max == grad.float().abs().max()
+    for bad in (float("nan"), -float("inf")):
+        grad.view(-1)[-1] = bad
+        assert not fused.squared_means(grad)[2].isfinite()
 
 
 @interpreted
