@@ -43,12 +43,14 @@ optimizers, layouts other than the one the saved settings give the parameter, an
 (``state_value_problem``). Rounding is deterministic, so a resumed run is bit-identical to an uninterrupted one.
 
 Every gradient is checked for NaN and Inf before anything is updated (``nonfinite_grads``): a tensor with a 4-bit
-rank-1 state that a compiled kernel steps is checked through the largest |g| of its step's statistics pass, run for
-all such tensors ahead of the steps; the others by one multi-tensor inf-norm over their gradients.
+rank-1 v that a compiled kernel steps (from its first step), or a factored v on CUDA, is checked through the largest
+|g| of its step's statistics pass, run for all such tensors ahead of the steps; the others by one multi-tensor
+inf-norm over their gradients.
 """
 
 import math
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch.optim import Optimizer
@@ -371,6 +373,14 @@ def _check_group(owner: str, group: dict) -> None:
         fail("nonfinite_grads", f"one of {NONFINITE_POLICIES}")
 
 
+class _Prepared(NamedTuple):
+    """What ``AdamW4bit._prepass`` readies for one parameter's step."""
+
+    step: object  # a rank-1 StepJob with this step's statistics, or a factored step's (row, column) means of g^2
+    grad_max: torch.Tensor | None  # the largest |g| from the same read; None when that pass gives none
+    fresh_state: dict | None = None  # a first step's state the job was built on, kept once the parameter steps
+
+
 class AdamW4bit(Optimizer):
     """AdamW with 4-bit states (arXiv 2309.01507): m block-wise with the DE map, v rank-1 with the linear map without
     zero; the update and the layouts are in the module docstring.
@@ -461,7 +471,7 @@ class AdamW4bit(Optimizer):
         fused_jobs = {}  # (block_size, rank-1 v) -> the 4-bit steps; "fp32" -> fp32-state steps; run together
         for (group, _, p), shards, ok, ready in zip(work, splits, finite, prepared, strict=True):
             if ok:
-                self._update(p, group, shards, fused_jobs, ready[0] if ready else None)
+                self._update(p, group, shards, fused_jobs, ready)
         for key, jobs in fused_jobs.items():
             if key == "fp32":
                 self._fp32_steps(jobs)
@@ -471,36 +481,40 @@ class AdamW4bit(Optimizer):
 
     def _prepass(self, work: list, splits: list) -> list:
         """The first pass over g of the steps that have one, run for all of them before anything changes, so that
-        the largest |g| it gives checks g without another read. For each ``work[i]``, (what its step then takes, its
-        largest |g| or None), or None:
+        the largest |g| it gives checks g without another read. For each ``work[i]``, a ``_Prepared`` or None:
 
-        - a 4-bit rank-1 state stepped by a compiled kernel (plain or row-sharded tensor): its ``StepJob`` for this
-          step with the new statistics (``fused.rank1_statistics_pass``; its g and old v codes read once);
-        - a factored v of a plain tensor, from its first step: the means of g^2 (``fused.squared_means``; |g|max from
-          its Triton pass).
+        - a 4-bit rank-1 v stepped by a compiled kernel (plain or row-sharded tensor): its ``StepJob`` for this step
+          with the new statistics (``fused.rank1_statistics_pass``; its g and old v codes read once). On a first step
+          the job is built on a fresh state (zero m and v), kept aside until the parameter steps;
+        - a factored v of a plain tensor: the means of g^2 (``fused.squared_means``; |g|max from its Triton pass).
 
-        Nothing in the state changes here."""
+        Nothing in ``self.state`` changes here."""
         prepared: list = [None] * len(work)
         jobs, where = [], []
         for i, ((group, _, p), shards) in enumerate(zip(work, splits, strict=True)):
             state = self.state.get(p, {})  # no entry is created for a parameter that has no state yet
             layout = state_layout(state) if state else choose_layout(p, group)
-            if state and layout == ("q4", "rank1") and (local := self._local_step(p, state, group, shards)):
-                jobs.append(self._job(*local, self._scalars(group, state["step"].item() + 1)))
-                where.append(i)
+            if layout == ("q4", "rank1"):
+                fresh = None
+                if not state:
+                    state = fresh = {}
+                    self._init_state(p, group, fresh, shards)
+                if local := self._local_step(p, state, group, shards):
+                    jobs.append(self._job(*local, self._scalars(group, state["step"].item() + 1)))
+                    where.append((i, fresh))
             elif layout[1] == "factored" and shards is None:
                 *means, grad_max = fused.squared_means(p.grad)
-                prepared[i] = (means, grad_max)
-        for i, job, grad_max in zip(where, jobs, fused.rank1_statistics_pass(jobs), strict=True):
+                prepared[i] = _Prepared(means, grad_max)
+        for (i, fresh), job, grad_max in zip(where, jobs, fused.rank1_statistics_pass(jobs), strict=True):
             if grad_max is not None:
-                prepared[i] = (job, grad_max)
+                prepared[i] = _Prepared(job, grad_max, fresh)
         return prepared
 
     def _finite_grads(self, params: list[torch.Tensor], splits: list, prepared: list) -> list[bool]:
         """Whether each gradient is finite: from the largest |g| of ``prepared`` (``_prepass``), else from one
         multi-tensor read; one device sync for all of them (per device), DTensor flags agreed across their shard
         group."""
-        magnitudes = [None if ready is None else ready[1] for ready in prepared]
+        magnitudes = [None if ready is None else ready.grad_max for ready in prepared]
         rest = [i for i, magnitude in enumerate(magnitudes) if magnitude is None]
         for i, magnitude in zip(rest, _largest_magnitudes([sharded.local(params[i].grad) for i in rest]), strict=True):
             magnitudes[i] = magnitude
@@ -546,19 +560,22 @@ class AdamW4bit(Optimizer):
 
     def _update(self, p: torch.Tensor, group: dict, shards, fused_jobs: dict, ready=None) -> None:
         """Step ``p`` and its state, or add its 4-bit step to ``fused_jobs``; ``shards``: ``sharded.shards_of(p)``;
-        ``ready``: what ``_prepass`` prepared for its step, if anything."""
+        ``ready``: the ``_Prepared`` of ``_prepass`` for its step, if any."""
         state = self.state[p]
-        if not state:
+        if not state and ready is not None and ready.fresh_state is not None:
+            state.update(ready.fresh_state)
+        elif not state:
             self._init_state(p, group, state, shards)
         state["step"] += 1
         layout, block_size = state_layout(state), group["block_size"]
-        if isinstance(ready, fused.StepJob):
-            fused_jobs.setdefault((block_size, True), []).append(ready)
+        if ready is not None and isinstance(ready.step, fused.StepJob):
+            fused_jobs.setdefault((block_size, True), []).append(ready.step)
             return
         scalars = self._scalars(group, state["step"].item())
         local = self._local_step(p, state, group, shards)
         if local is not None:
-            self._step_tensor(*local, scalars, block_size, layout, fused_jobs, means=ready)
+            means = None if ready is None else ready.step
+            self._step_tensor(*local, scalars, block_size, layout, fused_jobs, means=means)
         else:  # replicated state: step the gathered parameter now, keep this rank's rows
             whole, local_state = p.full_tensor(), {k: sharded.local(v) for k, v in state.items()}
             self._step_tensor(whole, p.grad.full_tensor(), local_state, None, scalars, block_size, layout, None)

@@ -114,7 +114,7 @@ def test_interpreted_optimizer_skips_a_nonfinite_rank1_tensor_found_by_the_stati
         a.grad[39, 129] = float("inf")
         b_version = b._version
         opt.step()
-        assert read[-1] == (0 if force else 2)  # with the kernel, no separate read of either gradient
+        assert read[-3:] == [0 if force else 2] * 3  # with the kernel, no separate read: the first step's neither
         assert b._version > b_version  # the kernel's in-place write is seen, as a torch op's would be
         assert torch.equal(a, a_before) and all(torch.equal(v, opt.state[a][k]) for k, v in state_before.items())
         runs.append(([a, b], opt))

@@ -367,7 +367,7 @@ def test_nonfinite_grads_skip_leaves_that_parameter_and_its_state_untouched():
 @pytest.mark.parametrize("twin", [False, True])
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 def test_a_rank1_tensor_with_state_is_checked_by_its_statistics_pass(policy, twin, monkeypatch):
-    """From its second step, a rank-1 tensor stepped by the C kernel is checked through the largest |g| of the step's
+    """From its first step, a rank-1 tensor stepped by the C kernel is checked through the largest |g| of the step's
     own statistics pass, not by a separate read of g (the twin's tensors are still read apart); a NaN in it then
     raises or skips before its parameter or state changes, on both paths."""
     if twin:
@@ -382,7 +382,7 @@ def test_a_rank1_tensor_with_state_is_checked_by_its_statistics_pass(policy, twi
     a, b = torch.ones(70, 70, requires_grad=True), torch.ones(5000, requires_grad=True)  # rank-1 and block-wise v
     opt = AdamW4bit([a, b], nonfinite_grads=policy)
     run_steps(opt, [a, b], 2)
-    assert read == [[a.shape, b.shape], [a.shape, b.shape] if twin else [b.shape]]  # step 1: no state to pass over
+    assert read == [[a.shape, b.shape] if twin else [b.shape]] * 2  # the first step too, on a fresh state
     a_before, b_before = a.detach().clone(), b.detach().clone()
     state_before = {k: v.clone() for k, v in opt.state[a].items()}
     set_grads([a, b], 9)
@@ -394,6 +394,29 @@ def test_a_rank1_tensor_with_state_is_checked_by_its_statistics_pass(policy, twi
         opt.step()
     assert torch.equal(a, a_before) and torch.equal(b, b_before) == (policy == "raise")
     assert all(torch.equal(v, opt.state[a][k]) for k, v in state_before.items())
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_first_step_found_nonfinite_by_the_statistics_pass_leaves_no_state(policy):
+    """A rank-1 tensor's first statistics pass runs on a fresh state (zero m and v) that is kept only if the tensor
+    steps: a NaN leaves the parameter as it was and no state behind, and the next step is a fresh optimizer's first
+    step, bit for bit."""
+    a, b = torch.ones(70, 70, requires_grad=True), torch.ones(70, 70, requires_grad=True)
+    opt = AdamW4bit([a], nonfinite_grads=policy)
+    set_grads([a], 3)
+    a.grad[0, 0] = float("nan")
+    if policy == "raise":
+        with pytest.raises(ValueError, match="holds NaN or Inf"):
+            opt.step()
+    else:
+        opt.step()
+    assert torch.equal(a, b) and not opt.state.get(a)
+    fresh = AdamW4bit([b])
+    for params, optimizer in (([a], opt), ([b], fresh)):
+        set_grads(params, 4)
+        optimizer.step()
+    assert torch.equal(a, b) and opt.state[a]["step"].item() == 1
+    assert all(torch.equal(value, fresh.state[b][key]) for key, value in opt.state[a].items())
 
 
 def test_small_tensors_with_fp32_states_step_together(monkeypatch):
