@@ -12,8 +12,9 @@ scales (linear map without zero). Each operation is a separately rounded fp32 op
 two implementations below agree bit for bit where both round IEEE (CPU twin, Triton interpreter); division and
 sqrt are correctly rounded (``div_rn``/``sqrt_rn``; the CPU twin takes sqrt via fp64, ``_sqrt_rn``), which keeps
 CPU results independent of the CPU's vendor and vector extensions. ``next_m``, ``next_v`` and ``stepped_param``
-are these element-wise ops, on lists of tensors (multi-tensor ``torch._foreach`` ops); the optimizer's fp32-state
-path steps all its tensors through them at once, the factored path calls them too.
+are these element-wise ops, on lists of tensors (multi-tensor ``torch._foreach`` ops); the factored path calls them
+too. The optimizer's fp32-state tensors (too small to quantize) step together in ``adamw_fp32_steps``: one Triton
+launch per 64 tensors on CUDA (``_adamw_fp32_kernel``, the same ops in registers), these ops elsewhere.
 
 - ``adamw4bit_step_torch``: the pure-torch twin: the element-wise ops on the flat tensors, then the quantizers of
   ``hf_ext.kernels.quant4`` (the same blocks, scales and nearest-code rule the kernel applies);
@@ -34,9 +35,10 @@ path steps all its tensors through them at once, the factored path calls them to
 
 Dispatch (``adamw4bit_step``): Triton for contiguous CUDA tensors when triton imports, the C kernel for contiguous
 fp32/bf16/fp16 CPU tensors when it builds, the twin elsewhere (rank-1 v with more than two non-singleton dimensions
-always runs the twin); ``HF_EXT_DISABLE_TRITON=1`` and ``HF_EXT_DISABLE_CPU_KERNELS=1`` force the twin. On a GPU the
-compiler may contract a multiply and an add into an FMA, so codes can differ from the twin in rare last-ulp ties; a run
-(and its resume) keeps one path per device. Like in-place torch ops, the kernels bump the version counter of every
+always runs the twin); ``HF_EXT_DISABLE_TRITON=1`` and ``HF_EXT_DISABLE_CPU_KERNELS=1`` force the twin. Every
+kernel here is launched with ``enable_fp_fusion=False`` (``LAUNCH_OPTIONS``), so the GPU compiler contracts no
+multiply and add into an FMA (their sm_90 PTX holds no ``fma``) and on a GPU too each op rounds as the twin's; only
+the factored means are summed in another order. Like in-place torch ops, the kernels bump the version counter of every
 tensor they write (``torch.autograd.graph.increment_version``). To run the kernel on CPU tensors, set
 TRITON_INTERPRET=1 before triton is first imported (triton's own library functions are decorated at import).
 """
@@ -59,6 +61,7 @@ BLOCKS_PER_PROGRAM = 4
 STATS_TILE = (16, 128)  # (rows, columns) of v each program of the rank-1 statistics pass reduces
 SUM_ROW_TILES = 8  # STATS_TILEs one program of the factored statistics pass sums down a column strip
 MAX_TENSORS_PER_LAUNCH = 64  # tensors one launch of the Triton kernels steps
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}  # compile options of every kernel here: no FMA, the twin's roundings
 CPU_CHUNK_ELEMENTS = 1 << 16  # the fewest elements one thread of the C kernel takes
 V_BLOCK, V_RANK1, V_GIVEN, V_FACTORED = (
     0,
@@ -337,6 +340,63 @@ def _sqrt_rn(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return torch._foreach_sqrt(xs)
 
 
+def adamw_fp32_steps(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    ms: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    scalars: list[StepScalars],
+) -> None:
+    """AdamW with fp32 m and v, for many tensors at once (AdamW4bit's layout for tensors too small to quantize), all
+    in place: the m, v and parameter of ``next_m``, ``next_v`` and ``stepped_param``.
+
+    Args:
+        params: parameters (fp32, bf16 or fp16), overwritten with the stepped values in their dtype.
+        grads: their gradients, the shapes of ``params``, finite, any float dtype.
+        ms, vs: fp32 moments, the shapes of ``params``, overwritten with the new ones.
+        scalars: each tensor's step scalars.
+
+    Returns:
+        None. The multi-tensor Triton kernel steps the contiguous tensors where ``use_triton`` allows it (one launch
+        per ``MAX_TENSORS_PER_LAUNCH`` tensors of one param dtype, grad dtype and device), the twin's multi-tensor ops
+        (``adamw_fp32_steps_torch``) the others.
+    """
+    on_triton: dict[tuple, list[int]] = {}
+    rest = []
+    for i, tensors in enumerate(zip(params, grads, ms, vs, strict=True)):
+        if not tensors[0].numel():
+            continue
+        if all(t.is_contiguous() for t in tensors) and use_triton(tensors[0], "adamw4bit_step"):
+            on_triton.setdefault((params[i].dtype, grads[i].dtype, params[i].device), []).append(i)
+        else:
+            rest.append(i)
+    for indices in on_triton.values():
+        for start in range(0, len(indices), MAX_TENSORS_PER_LAUNCH):
+            chunk = indices[start : start + MAX_TENSORS_PER_LAUNCH]
+            _adamw_fp32_steps_triton(*([column[i] for i in chunk] for column in (params, grads, ms, vs, scalars)))
+    if rest:
+        adamw_fp32_steps_torch(*([column[i] for i in rest] for column in (params, grads, ms, vs, scalars)))
+
+
+def adamw_fp32_steps_torch(params, grads, ms, vs, scalars) -> None:
+    """``adamw_fp32_steps`` as the twin's multi-tensor torch ops (one launch per op for all tensors on CUDA): the
+    oracle of the Triton kernel and the CPU path."""
+    grads = _as_fp32(grads)
+    new_v, new_m = next_v(vs, grads, scalars), next_m(ms, grads, scalars)
+    stepped = stepped_param(_as_fp32(params), new_m, new_v, scalars)
+    torch._foreach_copy_(vs + ms, new_v + new_m)
+    torch._foreach_copy_(params, stepped)
+
+
+def _as_fp32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors as fp32: fp32 ones themselves, the others upcast by one multi-tensor copy."""
+    out = [t if t.dtype == torch.float32 else torch.empty_like(t, dtype=torch.float32) for t in tensors]
+    upcast = [i for i, t in enumerate(tensors) if out[i] is not t]
+    if upcast:
+        torch._foreach_copy_([out[i] for i in upcast], [tensors[i] for i in upcast])
+    return out
+
+
 def step_quantized_m(
     m_codes: torch.Tensor, m_absmax: torch.Tensor, grad: torch.Tensor, scalars: StepScalars, block_size: int
 ) -> torch.Tensor:
@@ -608,7 +668,7 @@ def adamw4bit_steps_triton(jobs: list[StepJob], block_size: int, v_rank1: bool) 
                 quant4.linear_map(device), _midpoints("linear", device),
                 BLOCK=block_size, BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM, V_MODE=mode,
                 P_DTYPE=_TL_DTYPES[chunk[0].param.dtype], G_DTYPE=_TL_DTYPES[chunk[0].grad.dtype],
-                MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=TABLE_WIDTH,
+                MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=TABLE_WIDTH, **LAUNCH_OPTIONS,
             )  # fmt: skip
             written = [[job.param, job.m_codes, job.m_absmax, job.v_codes, *job.v_scales] for job in chunk]
             increment_version([t for tensors in written for t in tensors])
@@ -687,7 +747,7 @@ def _squared_means_triton(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     grad_max = torch.zeros((), device=grad.device)
     _squared_sums_kernel[(slices * row_groups * col_tiles,)](
         grad, row_parts, col_parts, grad_max, n_rows, n_cols, slices,
-        BLOCK_R=tile_rows, BLOCK_C=tile_cols, ROW_TILES=SUM_ROW_TILES,
+        BLOCK_R=tile_rows, BLOCK_C=tile_cols, ROW_TILES=SUM_ROW_TILES, **LAUNCH_OPTIONS,
     )  # fmt: skip
     rows, cols = (row_parts.sum(0) / n_cols).view(*batch, n_rows), (col_parts.sum(0) / n_rows).view(*batch, n_cols)
     return rows, cols, grad_max
@@ -710,9 +770,34 @@ def _rank1_pass_triton(jobs: list[StepJob]) -> list[torch.Tensor]:
         _rank1_stats_kernel[(tiles,)](
             on_device, on_device.view(torch.float32), len(jobs), quant4.linear_map(on_device.device),
             G_DTYPE=_TL_DTYPES[jobs[0].grad.dtype], BLOCK_R=tile_rows, BLOCK_C=tile_cols,
-            MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=TABLE_WIDTH,
+            MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=TABLE_WIDTH, **LAUNCH_OPTIONS,
         )  # fmt: skip
     return grad_maxima
+
+
+FP32_TABLE_COLUMNS = ("param", "grad", "m", "v", "numel", "program_start", "scalars")  # _adamw_fp32_kernel's
+FP32_TABLE_WIDTH = len(FP32_TABLE_COLUMNS) + 3
+FP32_BLOCK = 1024  # elements per program of the fp32-state kernel
+
+
+def _adamw_fp32_steps_triton(params, grads, ms, vs, scalars) -> None:
+    """``adamw_fp32_steps`` of at most ``MAX_TENSORS_PER_LAUNCH`` non-empty contiguous tensors (params of one dtype,
+    grads of one dtype, one device) in one launch of ``_adamw_fp32_kernel``, through its own launch table."""
+    table = torch.zeros(len(params) + 1, FP32_TABLE_WIDTH, dtype=torch.int64)
+    programs = 0
+    for i, tensors in enumerate(zip(params, grads, ms, vs, strict=True)):
+        table[i, :4] = torch.tensor([t.data_ptr() for t in tensors])
+        table[i, 4:6] = torch.tensor([tensors[0].numel(), programs])
+        table[i, 6:].view(torch.float32)[:7] = _scalar_array(scalars[i])
+        programs += math.ceil(tensors[0].numel() / FP32_BLOCK)
+    table[-1, 5] = programs
+    on_device = table.to(params[0].device)
+    _adamw_fp32_kernel[(programs,)](
+        on_device, on_device.view(torch.float32), len(params), BLOCK=FP32_BLOCK,
+        P_DTYPE=_TL_DTYPES[params[0].dtype], G_DTYPE=_TL_DTYPES[grads[0].dtype],
+        MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=FP32_TABLE_WIDTH, **LAUNCH_OPTIONS,
+    )  # fmt: skip
+    increment_version(params + ms + vs)
 
 
 if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is imported to run this on CPU
@@ -731,6 +816,45 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
     def _address(table_ptr, row, column, DTYPE: tl.constexpr):
         """The pointer to ``DTYPE`` elements in column ``column`` of the launch table's row ``row``."""
         return tl.load(table_ptr + row + column).to(tl.pointer_type(DTYPE))
+
+    @triton.jit
+    def _store_param(p_ptr, elem, p, valid, P_DTYPE: tl.constexpr):
+        """Store the fp32 stepped parameter ``p`` in ``P_DTYPE``, bf16 rounded to nearest even by hand as torch's
+        ``copy_`` does (finite values)."""
+        if P_DTYPE == tl.bfloat16:
+            bits = p.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            tl.store(p_ptr + elem, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=valid)
+        else:
+            tl.store(p_ptr + elem, p.to(p_ptr.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _adamw_fp32_kernel(
+        table_ptr, table_f32_ptr, n_tensors, BLOCK: tl.constexpr,
+        P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MAX_TENSORS: tl.constexpr, COLUMNS: tl.constexpr,
+    ):  # fmt: skip
+        """AdamW with fp32 m and v on ``BLOCK`` elements of one tensor of the launch table (FP32_TABLE_COLUMNS): the
+        twin's separately rounded ops in its order, each array read and written once."""
+        t, program = _find_tensor(table_ptr, n_tensors, 5, MAX_TENSORS, COLUMNS)
+        row = t * COLUMNS
+        p_ptr, g_ptr = _address(table_ptr, row, 0, P_DTYPE), _address(table_ptr, row, 1, G_DTYPE)
+        m_ptr, v_ptr = _address(table_ptr, row, 2, tl.float32), _address(table_ptr, row, 3, tl.float32)
+        scalars = table_f32_ptr + 2 * (row + 6)
+        decay, one_minus_beta1, beta2 = tl.load(scalars), tl.load(scalars + 1), tl.load(scalars + 2)
+        one_minus_beta2, bias_correction2_sqrt = tl.load(scalars + 3), tl.load(scalars + 4)
+        neg_step_size, eps = tl.load(scalars + 5), tl.load(scalars + 6)
+        elem = program * BLOCK + tl.arange(0, BLOCK)
+        valid = elem < tl.load(table_ptr + row + 4)
+        g = tl.load(g_ptr + elem, mask=valid, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + elem, mask=valid, other=0.0)
+        v = tl.load(v_ptr + elem, mask=valid, other=0.0)
+        m = m + one_minus_beta1 * (g - m)
+        v = v * beta2 + (one_minus_beta2 * g) * g
+        tl.store(m_ptr + elem, m, mask=valid)
+        tl.store(v_ptr + elem, v, mask=valid)
+        denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias_correction2_sqrt) + eps
+        p = tl.load(p_ptr + elem, mask=valid, other=0.0).to(tl.float32) * decay
+        _store_param(p_ptr, elem, p + tl.math.div_rn(neg_step_size * m, denom), valid, P_DTYPE)
 
     @triton.jit
     def _adamw4bit_kernel(
@@ -788,12 +912,7 @@ if triton is not None:  # TRITON_INTERPRET=1 must be set before triton is import
         v = tl.where(valid, v, 0.0)
         denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias_correction2_sqrt) + eps
         p = p + tl.math.div_rn(neg_step_size * m, denom)
-        if P_DTYPE == tl.bfloat16:  # round to nearest even by hand, as torch's copy_ (finite values)
-            bits = p.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            tl.store(p_ptr + elem, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=valid)
-        else:
-            tl.store(p_ptr + elem, p.to(p_ptr.dtype.element_ty), mask=valid)
+        _store_param(p_ptr, elem, p, valid, P_DTYPE)
 
         m_scale = tl.max(tl.abs(m), axis=1)
         m_hat = tl.math.div_rn(m, tl.where(m_scale > 0, m_scale, 1.0)[:, None])

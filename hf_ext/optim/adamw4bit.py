@@ -200,15 +200,6 @@ def _finite(magnitudes: list[torch.Tensor]) -> list[torch.Tensor]:
     return [m.isfinite() for m in magnitudes]
 
 
-def _fp32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors as fp32: fp32 ones themselves, the others upcast by one multi-tensor copy."""
-    out = [t if t.dtype == torch.float32 else torch.empty_like(t, dtype=torch.float32) for t in tensors]
-    upcast = [i for i, t in enumerate(tensors) if out[i] is not t]
-    if upcast:
-        torch._foreach_copy_([out[i] for i in upcast], [tensors[i] for i in upcast])
-    return out
-
-
 def state_nbytes(optimizer: Optimizer) -> int:
     """Bytes held in the tensors of any optimizer's ``state`` (for AdamW4bit: codes, scales, fp32 states, steps).
 
@@ -638,15 +629,11 @@ class AdamW4bit(Optimizer):
 
     @staticmethod
     def _fp32_steps(jobs: list) -> None:
-        """fp32 m and v of many tensors (``(p, grad, state, scalars)`` each): the fused step's element-wise ops, each
-        once for all of them (a multi-tensor launch per op on CUDA)."""
+        """fp32 m and v of many tensors (``(p, grad, state, scalars)`` each), stepped together
+        (``fused.adamw_fp32_steps``: one Triton launch per 64 tensors on CUDA)."""
         params, grads, states, scalars = (list(column) for column in zip(*jobs, strict=True))
-        grads = _fp32(grads)
         ms, vs = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
-        new_v, new_m = fused.next_v(vs, grads, scalars), fused.next_m(ms, grads, scalars)
-        stepped = fused.stepped_param(_fp32(params), new_m, new_v, scalars)
-        torch._foreach_copy_(vs + ms, new_v + new_m)
-        torch._foreach_copy_(params, stepped)
+        fused.adamw_fp32_steps(params, grads, ms, vs, scalars)
 
     def _factored_step(self, p, grad, state, scalars, block_size, m_layout, shards, means=None) -> None:
         """Factored v: its statistics, then the fused step with v = (R / mean(R)) C (``adamw4bit_step_factored``) for

@@ -87,8 +87,9 @@ def test_interpreted_rank1_statistics_pass_sees_a_nonfinite_gradient(bad):
 
 @interpreted
 def test_interpreted_optimizer_through_the_kernel_equals_the_twin(monkeypatch):
-    """The optimizer's dispatch: force the Triton branch on CPU tensors and compare whole runs with the twin's."""
-    shapes = [(40, 130), (5000,), (2, 30, 90)]
+    """The optimizer's dispatch: force the Triton branch on CPU tensors and compare whole runs with the twin's (rank-1,
+    block-wise and fp32-state tensors)."""
+    shapes = [(40, 130), (5000,), (2, 30, 90), (300,), (12, 20)]
     monkeypatch.setenv("HF_EXT_DISABLE_CPU_KERNELS", "1")
     runs = []
     for force in (False, True):
@@ -270,6 +271,39 @@ def test_interpreted_many_tensors_in_two_launches_equal_the_twin(rank1, monkeypa
         if expected is not None:
             assert all(torch.equal(a, b) for a, b in zip(seen[index][1], expected, strict=True))
     assert [index for index, _ in seen] == (list(range(len(shapes))) if rank1 else [])
+
+
+@interpreted
+@pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad_fp32", [True, False])
+def test_interpreted_fp32_state_kernel_equals_the_twin(p_dtype, grad_fp32, monkeypatch):
+    """The fp32-state kernel (tensors too small to quantize): seven tensors, four per launch, so two launches (an
+    empty one, sizes that cut a program's block, a non-contiguous one that the twin steps); for 3 steps parameters
+    and fp32 m, v bit for bit the twin's multi-tensor ops, with different step scalars per tensor."""
+    monkeypatch.setattr(fused, "MAX_TENSORS_PER_LAUNCH", 4)
+    monkeypatch.setattr(fused, "use_triton", lambda tensor, kernel: True)
+    kernel = CountingLaunches(fused._adamw_fp32_kernel)
+    monkeypatch.setattr(fused, "_adamw_fp32_kernel", kernel)
+    shapes = [(1,), (1023,), (0,), (1025,), (64, 33), (4096,), (3, 5)]
+    gen = torch.Generator().manual_seed(0)
+    sides = []
+    for _ in range(2):
+        params = [(torch.randn(shape, generator=gen)).to(p_dtype) for shape in shapes]
+        params[-1] = params[-1].t()  # non-contiguous
+        sides.append([params, [torch.zeros(p.shape) for p in params], [torch.zeros(p.shape) for p in params]])
+    for a, b in zip(sides[0][0], sides[1][0], strict=True):
+        b.copy_(a)
+    initial = [p.clone() for p in sides[0][0]]
+    for step in (1, 2, 3):
+        grads = [torch.randn(p.shape, generator=gen) * 10.0 ** -(i % 3) for i, p in enumerate(sides[0][0])]
+        grads = [g if grad_fp32 else g.to(p_dtype) for g in grads]
+        scalars = [fused.StepScalars.from_group(0.05 * (i + 1), 0.9, 0.999, 1e-8, 1e-2, step) for i in range(7)]
+        fused.adamw_fp32_steps(sides[0][0], grads, sides[0][1], sides[0][2], scalars)
+        fused.adamw_fp32_steps_torch(sides[1][0], grads, sides[1][1], sides[1][2], scalars)
+        for a, b in zip(sum(sides[0], []), sum(sides[1], []), strict=True):
+            assert torch.equal(a, b)
+    assert kernel.launches == 2 * 3
+    assert all(not torch.equal(p, p0) for p, p0 in zip(sides[0][0], initial, strict=True) if p.numel())
 
 
 def empty_state(shape, rank1: bool):
