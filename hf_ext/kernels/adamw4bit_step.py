@@ -36,7 +36,7 @@ launch per 64 tensors on CUDA (``_adamw_fp32_kernel``, the same ops in registers
 Dispatch (``adamw4bit_step``): Triton for contiguous CUDA tensors when triton imports, the C kernel for contiguous
 fp32/bf16/fp16 CPU tensors when it builds, the twin elsewhere (rank-1 v with more than two non-singleton dimensions
 always runs the twin); ``HF_EXT_DISABLE_TRITON=1`` and ``HF_EXT_DISABLE_CPU_KERNELS=1`` force the twin. Every
-kernel here is launched with ``enable_fp_fusion=False`` (``LAUNCH_OPTIONS``), so the GPU compiler contracts no
+kernel here is launched with ``enable_fp_fusion=False`` (``dispatch.TWIN_ROUNDING``), so the GPU compiler contracts no
 multiply and add into an FMA (their sm_90 PTX holds no ``fma``) and on a GPU too each op rounds as the twin's; only
 the factored means are summed in another order. Like in-place torch ops, the kernels bump the version counter of every
 tensor they write (``torch.autograd.graph.increment_version``). To run the kernel on CPU tensors, set
@@ -54,14 +54,13 @@ import torch
 from torch.autograd.graph import increment_version
 
 from hf_ext.kernels import cpu_library, quant4
-from hf_ext.kernels.dispatch import cpu_kernel, tl, triton, use_triton  # noqa: F401 (tl: used by the kernel when triton imports)
+from hf_ext.kernels.dispatch import TWIN_ROUNDING, cpu_kernel, tl, triton, use_triton  # noqa: F401 (tl: used by the kernel when triton imports)
 
 
 BLOCKS_PER_PROGRAM = 4
 STATS_TILE = (16, 128)  # (rows, columns) of v each program of the rank-1 statistics pass reduces
 SUM_ROW_TILES = 8  # STATS_TILEs one program of the factored statistics pass sums down a column strip
 MAX_TENSORS_PER_LAUNCH = 64  # tensors one launch of the Triton kernels steps
-LAUNCH_OPTIONS = {"enable_fp_fusion": False}  # compile options of every kernel here: no FMA, the twin's roundings
 CPU_CHUNK_ELEMENTS = 1 << 16  # the fewest elements one thread of the C kernel takes
 V_BLOCK, V_RANK1, V_GIVEN, V_FACTORED = (
     0,
@@ -668,7 +667,7 @@ def adamw4bit_steps_triton(jobs: list[StepJob], block_size: int, v_rank1: bool) 
                 quant4.linear_map(device), _midpoints("linear", device),
                 BLOCK=block_size, BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM, V_MODE=mode,
                 P_DTYPE=_TL_DTYPES[chunk[0].param.dtype], G_DTYPE=_TL_DTYPES[chunk[0].grad.dtype],
-                MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=TABLE_WIDTH, **LAUNCH_OPTIONS,
+                MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=TABLE_WIDTH, **TWIN_ROUNDING,
             )  # fmt: skip
             written = [[job.param, job.m_codes, job.m_absmax, job.v_codes, *job.v_scales] for job in chunk]
             increment_version([t for tensors in written for t in tensors])
@@ -747,7 +746,7 @@ def _squared_means_triton(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     grad_max = torch.zeros((), device=grad.device)
     _squared_sums_kernel[(slices * row_groups * col_tiles,)](
         grad, row_parts, col_parts, grad_max, n_rows, n_cols, slices,
-        BLOCK_R=tile_rows, BLOCK_C=tile_cols, ROW_TILES=SUM_ROW_TILES, **LAUNCH_OPTIONS,
+        BLOCK_R=tile_rows, BLOCK_C=tile_cols, ROW_TILES=SUM_ROW_TILES, **TWIN_ROUNDING,
     )  # fmt: skip
     rows, cols = (row_parts.sum(0) / n_cols).view(*batch, n_rows), (col_parts.sum(0) / n_rows).view(*batch, n_cols)
     return rows, cols, grad_max
@@ -770,7 +769,7 @@ def _rank1_pass_triton(jobs: list[StepJob]) -> list[torch.Tensor]:
         _rank1_stats_kernel[(tiles,)](
             on_device, on_device.view(torch.float32), len(jobs), quant4.linear_map(on_device.device),
             G_DTYPE=_TL_DTYPES[jobs[0].grad.dtype], BLOCK_R=tile_rows, BLOCK_C=tile_cols,
-            MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=TABLE_WIDTH, **LAUNCH_OPTIONS,
+            MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=TABLE_WIDTH, **TWIN_ROUNDING,
         )  # fmt: skip
     return grad_maxima
 
@@ -795,7 +794,7 @@ def _adamw_fp32_steps_triton(params, grads, ms, vs, scalars) -> None:
     _adamw_fp32_kernel[(programs,)](
         on_device, on_device.view(torch.float32), len(params), BLOCK=FP32_BLOCK,
         P_DTYPE=_TL_DTYPES[params[0].dtype], G_DTYPE=_TL_DTYPES[grads[0].dtype],
-        MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=FP32_TABLE_WIDTH, **LAUNCH_OPTIONS,
+        MAX_TENSORS=MAX_TENSORS_PER_LAUNCH, COLUMNS=FP32_TABLE_WIDTH, **TWIN_ROUNDING,
     )  # fmt: skip
     increment_version(params + ms + vs)
 

@@ -23,6 +23,11 @@ except Exception as error:  # noqa: BLE001 - a broken install raises more than I
     triton = tl = None
     TRITON_IMPORT_ERROR = error
 
+# Compile options every launch passes, so that no Triton version's default decides whether a multiply and an add
+# contract into one FMA: off where a kernel must round as its twin, bit for bit; on where it is held to fp32 rounding.
+TWIN_ROUNDING = {"enable_fp_fusion": False}
+FMA_ALLOWED = {"enable_fp_fusion": True}
+
 
 def triton_disabled() -> bool:
     return os.environ.get("HF_EXT_DISABLE_TRITON", "0").lower() in ("1", "true", "yes")

@@ -33,7 +33,7 @@ TRITON_INTERPRET=1 before triton is first imported.
 
 import torch
 
-from hf_ext.kernels.dispatch import tl, triton, use_triton  # noqa: F401 (tl: used by the kernels when triton imports)
+from hf_ext.kernels.dispatch import FMA_ALLOWED, tl, triton, use_triton  # noqa: F401 (tl: used by the kernels when triton imports)
 
 
 NORM_EPS = 1e-12
@@ -127,7 +127,7 @@ def compose_forward_triton(result, base, bias, lora, g, scaling: float, save_inn
             result, base if base is not None else result, bias if bias is not None else g, lora, g, out,
             inner if save_inner else out, n_tokens, d_out, float(scaling),
             HAS_BASE=base is not None, HAS_BIAS=bias is not None, SAVE_INNER=save_inner,
-            BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+            BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, **FMA_ALLOWED,
         )  # fmt: skip
     return out, inner
 
@@ -148,7 +148,7 @@ def compose_backward_triton(dy, g, inner, scaling: float, base_shift: float, mai
             dy, g, inner if inner is not None else dy, d_main if need_main else g, d_lora if need_lora else g,
             partial if partial is not None else g, n_tokens, d_out, float(scaling), float(base_shift),
             WRITE_MAIN=need_main, WRITE_LORA=need_lora, REDUCE=inner is not None,
-            ROWS_PER_PROGRAM=ROWS_PER_PROGRAM, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+            ROWS_PER_PROGRAM=ROWS_PER_PROGRAM, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, **FMA_ALLOWED,
         )  # fmt: skip
     return d_main, d_lora, partial.sum(0) if partial is not None else None
 

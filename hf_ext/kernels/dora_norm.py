@@ -35,7 +35,7 @@ triton is first imported.
 
 import torch
 
-from hf_ext.kernels.dispatch import tl, triton, use_triton  # noqa: F401 (tl: used by the kernel when triton imports)
+from hf_ext.kernels.dispatch import FMA_ALLOWED, tl, triton, use_triton  # noqa: F401 (tl: used by the kernel when triton imports)
 
 
 # Budget for the fp32 temporaries of one call; benchmarks/bench_dora.py measures the transient and time it gives.
@@ -223,7 +223,7 @@ def weight_lora_product_triton(w_rows, a, with_row_sq: bool):
         grid = (triton.cdiv(n_rows, BLOCK_M) * triton.cdiv(rank, block_r),)
         _weight_lora_product_kernel[grid](
             w_rows, a, u, row_sq, n_rows, d_in, rank, w_rows.stride(0), w_rows.stride(1),
-            ROW_SQ=with_row_sq, BLOCK_M=BLOCK_M, BLOCK_K=PRODUCT_BLOCK_K, BLOCK_R=block_r,
+            ROW_SQ=with_row_sq, BLOCK_M=BLOCK_M, BLOCK_K=PRODUCT_BLOCK_K, BLOCK_R=block_r, **FMA_ALLOWED,
         )  # fmt: skip
     return u, (row_sq if with_row_sq else None)
 
@@ -246,8 +246,9 @@ def combine_rows_triton(u, b, gram, wsq, scaling: float) -> torch.Tensor:
         return out
     grid = (triton.cdiv(n_rows, BLOCK_M),)
     _dora_norm_rows_kernel[grid](
-        u, b, gram, wsq, out, n_rows, rank, 2.0 * scaling, scaling * scaling, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R
-    )
+        u, b, gram, wsq, out, n_rows, rank, 2.0 * scaling, scaling * scaling,
+        BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, **FMA_ALLOWED,
+    )  # fmt: skip
     return out
 
 

@@ -1,6 +1,7 @@
-"""Compile the 4-bit step's Triton kernels for an sm_90 GPU (no GPU needed: Triton's bundled ptxas) with the launch
-options they run with, and print one JSON object: each kernel variant -> the fma instructions in its PTX. With
-``--fusion`` the options' FP fusion is turned back on (the control: the same kernels then contract)."""
+"""Compile hf_ext's Triton kernels for an sm_90 GPU (no GPU needed: Triton's bundled ptxas) and print one JSON object:
+each 4-bit step kernel variant, compiled with the launch options it runs with, -> the fma instructions in its PTX
+(with ``--fusion`` the options' FP fusion is turned back on: the control, the same kernels then contract); under
+"dora", each DoRA kernel variant with bf16 activations and weights -> 1 once it compiled."""
 
 import json
 import sys
@@ -10,21 +11,56 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
 from hf_ext.kernels import adamw4bit_step as fused
+from hf_ext.kernels import dispatch, dora_compose, dora_norm
 
 
 TABLE = {"table_ptr": "*i64", "table_f32_ptr": "*fp32", "n_tensors": "i32"}
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
-def fma_count(kernel, signature: dict, constants: dict, options: dict) -> int:
+def fma_count(kernel, signature: dict, constants: dict, options: dict = dispatch.FMA_ALLOWED) -> int:
     full = {**signature, **dict.fromkeys(constants, "constexpr")}
     where = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
     compiled = compile(ASTSource(kernel, full, where), target=GPUTarget("cuda", 90, 32), options=options)
     return compiled.asm["ptx"].count("fma.")
 
 
+def dora_variants() -> dict:
+    """Compile each DoRA kernel in the variants its launches choose (bf16 tensors, fp32 statistics)."""
+    done = {}
+    sizes = {"n_rows": "i32", "d_in": "i32", "rank": "i32", "stride_row": "i32", "stride_col": "i32"}
+    product = {"w_ptr": "*bf16", "a_ptr": "*fp32", "u_ptr": "*fp32", "row_sq_ptr": "*fp32", **sizes}
+    for row_sq in (True, False):
+        for block_r in (16, dora_norm.PRODUCT_BLOCK_R):
+            constants = {"ROW_SQ": row_sq, "BLOCK_M": dora_norm.BLOCK_M, "BLOCK_K": dora_norm.PRODUCT_BLOCK_K,
+                         "BLOCK_R": block_r}  # fmt: skip
+            fma_count(dora_norm._weight_lora_product_kernel, product, constants)
+            done[f"product row_sq={row_sq} block_r={block_r}"] = 1
+    rows = dict.fromkeys(("u_ptr", "b_ptr", "g_ptr", "wsq_ptr", "out_ptr"), "*fp32")
+    rows.update(n_rows="i32", rank="i32", two_s="fp32", s_sq="fp32")
+    fma_count(dora_norm._dora_norm_rows_kernel, rows, {"BLOCK_M": dora_norm.BLOCK_M, "BLOCK_R": dora_norm.BLOCK_R})
+    done["norm rows"] = 1
+    blocks = {"BLOCK_T": dora_compose.BLOCK_T, "BLOCK_D": dora_compose.BLOCK_D}
+    forward = dict.fromkeys(("result_ptr", "base_ptr", "bias_ptr", "lora_ptr"), "*bf16")
+    forward.update(g_ptr="*fp32", out_ptr="*bf16", inner_ptr="*bf16", n_tokens="i32", d_out="i32", scaling="fp32")
+    for has_base in (True, False):
+        for save_inner in (True, False):
+            constants = {"HAS_BASE": has_base, "HAS_BIAS": not has_base, "SAVE_INNER": save_inner, **blocks}
+            fma_count(dora_compose._compose_fwd_kernel, forward, constants)
+            done[f"compose forward base={has_base} inner={save_inner}"] = 1
+    backward = {"dy_ptr": "*bf16", "g_ptr": "*fp32", "inner_ptr": "*bf16", "dmain_ptr": "*bf16", "dlora_ptr": "*bf16"}
+    backward.update(partial_ptr="*fp32", n_tokens="i32", d_out="i32", scaling="fp32", base_shift="fp32")
+    for reduce in (True, False):
+        constants = {"WRITE_MAIN": True, "WRITE_LORA": True, "REDUCE": reduce, **blocks}
+        fma_count(
+            dora_compose._compose_bwd_kernel, backward, dict(constants, ROWS_PER_PROGRAM=dora_compose.ROWS_PER_PROGRAM)
+        )
+        done[f"compose backward reduce={reduce}"] = 1
+    return done
+
+
 def main() -> None:
-    options = dict(fused.LAUNCH_OPTIONS, **({"enable_fp_fusion": True} if "--fusion" in sys.argv else {}))
+    options = dict(dispatch.TWIN_ROUNDING, **({"enable_fp_fusion": True} if "--fusion" in sys.argv else {}))
     counts = {}
     maps = dict.fromkeys(("de_ptr", "de_mid_ptr", "lin_ptr", "lin_mid_ptr"), "*fp32")
     for dtype, name in DTYPES.items():  # param and grad of one dtype
@@ -51,7 +87,7 @@ def main() -> None:
              "col_parts_ptr": "*fp32", "grad_max_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32", "n_slices": "i32"},
             {"BLOCK_R": rows, "BLOCK_C": cols, "ROW_TILES": fused.SUM_ROW_TILES}, options,
         )  # fmt: skip
-    print(json.dumps(counts))
+    print(json.dumps({"step": counts, "dora": dora_variants()}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""The 4-bit step's Triton kernels compiled for an sm_90 GPU on this CPU-only machine (Triton's bundled ptxas; a
-subprocess, since this session runs the interpreter): every variant compiles, and with the options the launches pass
-(``LAUNCH_OPTIONS``) its PTX holds no fma, so a GPU rounds each op as the twin does."""
+"""hf_ext's Triton kernels compiled for an sm_90 GPU on this CPU-only machine (Triton's bundled ptxas; a subprocess,
+since this session runs the interpreter): every variant compiles, and the 4-bit step's, with the options their
+launches pass (``dispatch.TWIN_ROUNDING``), hold no fma in their PTX, so a GPU rounds each op as the twin does."""
 
 import json
 import os
@@ -27,8 +27,10 @@ def fma_counts(tmp_path, *flags) -> dict:
 
 
 @pytest.mark.skipif(triton is None, reason="needs triton")
-def test_the_step_kernels_compile_for_sm90_without_fma(tmp_path):
-    counts = fma_counts(tmp_path)
+def test_the_kernels_compile_for_sm90_and_the_step_kernels_hold_no_fma(tmp_path):
+    compiled = fma_counts(tmp_path)
+    counts = compiled["step"]
     assert len(counts) == 12 and all(count == 0 for count in counts.values()), counts
-    control = fma_counts(tmp_path, "--fusion")  # the same kernels with FP fusion on do contract
+    assert len(compiled["dora"]) == 11
+    control = fma_counts(tmp_path, "--fusion")["step"]  # the same kernels with FP fusion on do contract
     assert all(control[name] > 0 for name in counts if "states" in name or "step" in name), control
