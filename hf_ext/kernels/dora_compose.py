@@ -73,15 +73,33 @@ def _inner_dtype(result, base, lora, bias) -> torch.dtype:
 
 
 def compose_forward_torch(result, base, bias, lora, g, scaling: float, save_inner: bool):
-    """``(y, inner or None)`` for 2-D (tokens, d_out) tensors; ``base=None`` means ``base = result - bias``."""
+    """``(y, inner or None)`` for 2-D (tokens, d_out) tensors; ``base=None`` means ``base = result - bias``.
+
+    Without a given base, y is evaluated as ``g (result + s lora) + (1 - g) bias`` (the same y; exactly ``result``
+    where g = 1 and lora = 0), so that the only full-size results are y and inner, and result is never upcast on its
+    own: on CPU each full-size temporary costs a fresh allocation as well as a pass."""
     cdt = _compute_dtype(result, base, lora, g)
-    r = result.to(cdt)
-    b = base.to(cdt) if base is not None else (r - bias.to(cdt) if bias is not None else r)
-    lo = lora.to(cdt)
     gc = g.to(cdt)
-    out = torch.addcmul(r, gc - 1, b).addcmul_(gc * scaling, lo).to(_out_dtype(result, base, lora))  # two passes
-    inner = torch.add(b, lo, alpha=scaling).to(_inner_dtype(result, base, lora, bias)) if save_inner else None
+    out_dtype, inner_dtype = _out_dtype(result, base, lora), _inner_dtype(result, base, lora, bias)
+    if base is None:
+        summed = _sum(result, lora, scaling, cdt)  # result + s lora
+        out = summed * gc
+        if bias is not None:
+            bias_c = bias.to(cdt)
+            out.add_((1 - gc) * bias_c)
+            summed.sub_(bias_c)  # inner = (result - bias) + s lora
+        return out.to(out_dtype), (summed.to(inner_dtype) if save_inner else None)
+    b, lo = base.to(cdt), lora.to(cdt)
+    out = torch.addcmul(result.to(cdt), gc - 1, b).addcmul_(gc * scaling, lo).to(out_dtype)  # two passes
+    inner = torch.add(b, lo, alpha=scaling).to(inner_dtype) if save_inner else None
     return out, inner
+
+
+def _sum(a: torch.Tensor, b: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """``a + alpha b`` in ``dtype``, upcasting the inputs only when their own promotion is narrower."""
+    if torch.promote_types(a.dtype, b.dtype) == dtype:
+        return torch.add(a, b, alpha=alpha)
+    return torch.add(a.to(dtype), b.to(dtype), alpha=alpha)
 
 
 def compose_backward_torch(dy, g, inner, scaling: float, base_shift: float, main_dtype, lora_dtype):

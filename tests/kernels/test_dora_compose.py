@@ -72,6 +72,16 @@ def test_twin_gradients_match_autograd_of_the_plain_formula(base_given, bias, le
         assert_close_rel(grad, ref, 1e-6, f"grad {i}")
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_twin_output_is_exactly_the_base_result_at_dora_init(bias, dtype):
+    """Where g = 1 (m = ||W + s B A||, as DoRA initializes it) and the LoRA branch is 0 (B = 0), the twin returns
+    the base layer's result bit for bit, with or without a bias, as PEFT's formula does."""
+    result, _, bias_t, lora, _, norm = inputs(33, 70, False, bias=bias, dtype=dtype)
+    out = dc.compose_forward_torch(result, None, bias_t, torch.zeros_like(lora), torch.ones(70), 2.0, True)[0]
+    assert torch.equal(out, result.to(out.dtype))
+
+
 def test_norm_gets_no_gradient_and_magnitude_gradient_is_the_stated_sum():
     result, _, bias, lora, magnitude, norm = inputs(8, 5, False)
     magnitude.requires_grad_()
