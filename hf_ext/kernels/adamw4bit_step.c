@@ -201,3 +201,32 @@ int adamw4bit_rank1_stats(const void *grad, int grad_dtype, const uint8_t *v_cod
     *grad_max = g_max;
     return 0;
 }
+
+/* AdamW with fp32 m and v (the tensors too small to quantize) of n_tensors tensors, in place: the twin's next_m,
+   next_v and stepped_param in its order. Tensor t has numels[t] elements, param_dtypes[t] / grad_dtypes[t] and the
+   7 scalars scalars[7 t .. 7 t + 6]. Returns 0. */
+int adamw_fp32_states(int64_t n_tensors, void *const *params, const int *param_dtypes, const void *const *grads,
+                      const int *grad_dtypes, float *const *ms, float *const *vs, const int64_t *numels,
+                      const float *scalars) {
+    enum { CHUNK = 256 };
+    float p[CHUNK], g[CHUNK];
+    for (int64_t t = 0; t < n_tensors; t++) {
+        const float *s = scalars + 7 * t;
+        float *m = ms[t], *v = vs[t];
+        for (int64_t e0 = 0; e0 < numels[t]; e0 += CHUNK) {
+            int n = numels[t] - e0 < CHUNK ? (int)(numels[t] - e0) : CHUNK;
+            load_fp32(params[t], param_dtypes[t], e0, n, p);
+            load_fp32(grads[t], grad_dtypes[t], e0, n, g);
+            for (int i = 0; i < n; i++) {
+                float mi = m[e0 + i] + s[ONE_MINUS_BETA1] * (g[i] - m[e0 + i]);
+                float vi = v[e0 + i] * s[BETA2] + (s[ONE_MINUS_BETA2] * g[i]) * g[i];
+                float root = (float)__builtin_sqrt((double)vi);
+                p[i] = p[i] * s[DECAY] + (s[NEG_STEP_SIZE] * mi) / (root / s[BIAS_CORRECTION2_SQRT] + s[EPS]);
+                m[e0 + i] = mi;
+                v[e0 + i] = vi;
+            }
+            store_param(params[t], param_dtypes[t], e0, n, p);
+        }
+    }
+    return 0;
+}

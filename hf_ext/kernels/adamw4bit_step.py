@@ -14,7 +14,8 @@ sqrt are correctly rounded (``div_rn``/``sqrt_rn``; the CPU twin takes sqrt via 
 CPU results independent of the CPU's vendor and vector extensions. ``next_m``, ``next_v`` and ``stepped_param``
 are these element-wise ops, on lists of tensors (multi-tensor ``torch._foreach`` ops); the factored path calls them
 too. The optimizer's fp32-state tensors (too small to quantize) step together in ``adamw_fp32_steps``: one Triton
-launch per 64 tensors on CUDA (``_adamw_fp32_kernel``, the same ops in registers), these ops elsewhere.
+launch per 64 tensors on CUDA (``_adamw_fp32_kernel``, the same ops in registers), one C call on the CPU
+(``adamw_fp32_states``), these ops elsewhere.
 
 - ``adamw4bit_step_torch``: the pure-torch twin: the element-wise ops on the flat tensors, then the quantizers of
   ``hf_ext.kernels.quant4`` (the same blocks, scales and nearest-code rule the kernel applies);
@@ -357,22 +358,29 @@ def adamw_fp32_steps(
 
     Returns:
         None. The multi-tensor Triton kernel steps the contiguous tensors where ``use_triton`` allows it (one launch
-        per ``MAX_TENSORS_PER_LAUNCH`` tensors of one param dtype, grad dtype and device), the twin's multi-tensor ops
+        per ``MAX_TENSORS_PER_LAUNCH`` tensors of one param dtype, grad dtype and device), the C kernel the
+        contiguous CPU tensors (one call for all, bit for bit the twin), the twin's multi-tensor ops
         (``adamw_fp32_steps_torch``) the others.
     """
     on_triton: dict[tuple, list[int]] = {}
-    rest = []
+    on_cpu, rest = [], []
     for i, tensors in enumerate(zip(params, grads, ms, vs, strict=True)):
         if not tensors[0].numel():
             continue
-        if all(t.is_contiguous() for t in tensors) and use_triton(tensors[0], "adamw4bit_step"):
+        if not all(t.is_contiguous() for t in tensors):
+            rest.append(i)
+        elif use_triton(tensors[0], "adamw4bit_step"):
             on_triton.setdefault((params[i].dtype, grads[i].dtype, params[i].device), []).append(i)
+        elif _cpu_kernel(params[i], grads[i]) is not None:
+            on_cpu.append(i)
         else:
             rest.append(i)
     for indices in on_triton.values():
         for start in range(0, len(indices), MAX_TENSORS_PER_LAUNCH):
             chunk = indices[start : start + MAX_TENSORS_PER_LAUNCH]
             _adamw_fp32_steps_triton(*([column[i] for i in chunk] for column in (params, grads, ms, vs, scalars)))
+    if on_cpu:
+        _adamw_fp32_steps_cpu(*([column[i] for i in on_cpu] for column in (params, grads, ms, vs, scalars)))
     if rest:
         adamw_fp32_steps_torch(*([column[i] for i in rest] for column in (params, grads, ms, vs, scalars)))
 
@@ -532,6 +540,25 @@ def _run_cpu_blocks(
     increment_version([t for t in (param, m_codes, m_absmax, v_codes, v_absmax) if t is not None])
 
 
+def _adamw_fp32_steps_cpu(params, grads, ms, vs, scalars) -> None:
+    """``adamw_fp32_steps`` of non-empty contiguous CPU tensors in one call of the C kernel (``adamw_fp32_states``);
+    their tensors are at most a few thousand elements, so one thread steps them all."""
+    library = _cpu_kernel(params[0], grads[0])
+    codes = cpu_library.DTYPE_CODES
+    arrays = [  # the call's arguments after the count, in order; kept referenced until it returns
+        torch.tensor(_pointers(params), dtype=torch.int64),
+        torch.tensor([codes[p.dtype] for p in params], dtype=torch.int32),
+        torch.tensor(_pointers(grads), dtype=torch.int64),
+        torch.tensor([codes[g.dtype] for g in grads], dtype=torch.int32),
+        torch.tensor(_pointers(ms), dtype=torch.int64),
+        torch.tensor(_pointers(vs), dtype=torch.int64),
+        torch.tensor([p.numel() for p in params], dtype=torch.int64),
+        torch.stack([_scalar_array(s) for s in scalars]),
+    ]
+    _checked(library.adamw_fp32_states(len(params), *(array.data_ptr() for array in arrays)))
+    increment_version(params + ms + vs)
+
+
 def _checked(status: int) -> None:
     if status:
         raise MemoryError("the 4-bit step's C kernel could not allocate its scratch buffers")
@@ -566,6 +593,8 @@ def _declare_types(library) -> None:
     library.adamw4bit_blocks.restype = i32
     library.adamw4bit_rank1_stats.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
     library.adamw4bit_rank1_stats.restype = i32
+    library.adamw_fp32_states.argtypes = [i64, *[ptr] * 8]
+    library.adamw_fp32_states.restype = i32
     library.adamw4bit_has_fp16.argtypes = []
     library.adamw4bit_has_fp16.restype = i32
     library._hf_ext_typed = True

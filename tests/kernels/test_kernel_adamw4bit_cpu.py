@@ -162,6 +162,36 @@ def test_c_kernel_given_v_equals_quantized_m_then_stepped_param(dtype, many_chun
     assert torch.equal(param_c, param) and torch.equal(m_codes_c, m_codes) and torch.equal(m_absmax_c, m_absmax)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grad_fp32", [False, True])
+def test_c_fp32_state_step_equals_the_twin(dtype, grad_fp32, monkeypatch):
+    """The tensors with fp32 m and v: one C call for all contiguous ones per step (an empty one skipped, a
+    non-contiguous one left to the twin); for 3 steps with per-tensor scalars, parameters, m and v bit for bit the
+    twin's multi-tensor ops."""
+    calls, real = [], fused._adamw_fp32_steps_cpu
+    monkeypatch.setattr(
+        fused, "_adamw_fp32_steps_cpu", lambda *columns: calls.append(len(columns[0])) or real(*columns)
+    )
+    shapes = [(1,), (255,), (0,), (257,), (4096,), (30, 40), (3, 5)]
+    gen = torch.Generator().manual_seed(0)
+    sides = []
+    for _ in range(2):
+        params = [torch.randn(shape, generator=gen).to(dtype) for shape in shapes]
+        params[-1] = params[-1].t()  # non-contiguous
+        sides.append([params, [torch.zeros(p.shape) for p in params], [torch.zeros(p.shape) for p in params]])
+    for a, b in zip(sides[0][0], sides[1][0], strict=True):
+        b.copy_(a)
+    for step in (1, 2, 3):
+        grads = [torch.randn(p.shape, generator=gen) * 10.0 ** -(i % 3) for i, p in enumerate(sides[0][0])]
+        grads = [g if grad_fp32 else g.to(dtype) for g in grads]
+        scalars = [fused.StepScalars.from_group(0.05 * (i + 1), 0.9, 0.999, 1e-8, 1e-2, step) for i in range(7)]
+        fused.adamw_fp32_steps(sides[0][0], grads, sides[0][1], sides[0][2], scalars)
+        fused.adamw_fp32_steps_torch(sides[1][0], grads, sides[1][1], sides[1][2], scalars)
+        for a, b in zip(sum(sides[0], []), sum(sides[1], []), strict=True):
+            assert torch.equal(a, b)
+    assert calls == [5, 5, 5]
+
+
 @pytest.mark.parametrize("optimizer", [AdamW4bit, AdamW4bitFactor])
 def test_optimizer_through_the_c_kernel_equals_the_twin(optimizer, monkeypatch):
     """Whole runs, every layout (rank-1, block-wise, 3-d rank-1 on the twin, fp32), C kernel vs twins only."""

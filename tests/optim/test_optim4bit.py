@@ -420,11 +420,11 @@ def test_a_first_step_found_nonfinite_by_the_statistics_pass_leaves_no_state(pol
 
 
 def test_small_tensors_with_fp32_states_step_together(monkeypatch):
-    """The fp32-state tensors (numel <= 4096: biases, norms) of one step go through each element-wise op once, as
-    lists (one multi-tensor launch per op on CUDA, not one per tensor), with the results of stepping them one by
-    one."""
-    calls, real = [], fused.next_m
-    monkeypatch.setattr(fused, "next_m", lambda ms, *rest: calls.append(len(ms)) or real(ms, *rest))
+    """The fp32-state tensors (numel <= 4096: biases, norms) of one step are stepped together, by one
+    ``adamw_fp32_steps`` (one C call on the CPU, one Triton launch per 64 tensors on CUDA), with the results of
+    stepping them one by one."""
+    calls, real = [], fused.adamw_fp32_steps
+    monkeypatch.setattr(fused, "adamw_fp32_steps", lambda ps, *rest: calls.append(len(ps)) or real(ps, *rest))
     shapes = [(64,), (30, 40), (4096,), (5000,)]  # the last one is 4-bit
     runs = []
     for together in (True, False):
