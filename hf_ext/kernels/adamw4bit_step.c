@@ -23,7 +23,7 @@
 int adamw4bit_has_fp16(void) { return HAS_FP16; }
 
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
-enum { V_BLOCK = 0, V_RANK1 = 1, V_GIVEN = 2 };
+enum { V_BLOCK = 0, V_RANK1 = 1, V_FACTORED = 3 };
 enum { DECAY, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, BIAS_CORRECTION2_SQRT, NEG_STEP_SIZE, EPS };
 enum { SEGMENT = 512 }; /* columns of a row the rank-1 statistics read at a time */
 
@@ -106,17 +106,28 @@ static void rank1_scales(const float *row, const float *col, int64_t n_cols, int
     }
 }
 
+/* This step's factored v, ratio[fr] * col[(fr / n_rows) n_cols + c], of n consecutive elements from flat index e
+   of a stack of (n_rows, n_cols) slices (fr: the row over all slices), as the twin's factored_v. */
+static void factored_v(const float *ratio, const float *col, int64_t n_rows, int64_t n_cols, int64_t e, int64_t n,
+                       float *v) {
+    int64_t fr = e / n_cols, c = e % n_cols;
+    for (int64_t i = 0; i < n; i++) {
+        v[i] = ratio[fr] * col[(fr / n_rows) * n_cols + c];
+        if (++c == n_cols) c = 0, fr++;
+    }
+}
+
 /* Step blocks [block_begin, block_end) of one parameter of numel elements, in place.
    v_mode V_BLOCK: v codes with block scales v_absmax; V_RANK1: v codes with the old rank-1 statistics old_row,
-   old_col and the new ones new_row, new_col (computed before, by adamw4bit_rank1_stats); V_GIVEN: v_given is this
-   step's v (fp32, numel), and no v state is read or written. scalars: the 7 floats of StepScalars, in its order.
-   block_size is even. Returns 0, or -1 when the scratch buffers (26 bytes per block element) cannot be allocated. */
+   old_col and the new ones new_row, new_col (computed before, by adamw4bit_rank1_stats), n_cols columns;
+   V_FACTORED: this step's v is factored_v(old_row, old_col) of (n_rows, n_cols) slices (AdamW4bitFactor's R / mean R
+   and C), and no v state is read or written. scalars: the 7 floats of StepScalars, in its order. block_size is
+   even. Returns 0, or -1 when the scratch buffers (26 bytes per block element) cannot be allocated. */
 int adamw4bit_blocks(void *param, int param_dtype, const void *grad, int grad_dtype, uint8_t *m_codes,
                       float *m_absmax, uint8_t *v_codes, float *v_absmax, const float *old_row, const float *old_col,
-                      const float *new_row, const float *new_col, const float *v_given, const float *de,
-                      const float *de_mid, const float *lin, const float *lin_mid, int64_t numel,
-                      int64_t block_begin, int64_t block_end, int block_size, int64_t n_cols, int v_mode,
-                      const float *s) {
+                      const float *new_row, const float *new_col, const float *de, const float *de_mid,
+                      const float *lin, const float *lin_mid, int64_t numel, int64_t block_begin, int64_t block_end,
+                      int block_size, int64_t n_rows, int64_t n_cols, int v_mode, const float *s) {
     float *scratch = malloc((size_t)block_size * (6 * sizeof(float) + 2));
     if (scratch == NULL) return -1;
     float *p = scratch, *g = p + block_size, *m = g + block_size, *v = m + block_size, *scale = v + block_size;
@@ -130,8 +141,8 @@ int adamw4bit_blocks(void *param, int param_dtype, const void *grad, int grad_dt
         load_fp32(grad, grad_dtype, e0, n, g);
         unpack(m_codes + byte0, n_bytes, block_size, m_q);
         for (int i = 0; i < n; i++) m[i] = de[m_q[i]] * m_absmax[b];
-        if (v_mode == V_GIVEN) {
-            memcpy(v, v_given + e0, (size_t)n * sizeof(float));
+        if (v_mode == V_FACTORED) {
+            factored_v(old_row, old_col, n_rows, n_cols, e0, n, v);
         } else {
             unpack(v_codes + byte0, n_bytes, block_size, v_q);
             if (v_mode == V_RANK1) {
@@ -166,7 +177,7 @@ int adamw4bit_blocks(void *param, int param_dtype, const void *grad, int grad_dt
             for (int i = n; i < block_size; i++) x_hat[i] = 0.0f;
             nearest_codes(x_hat, block_size, lin_mid, v_q);
         }
-        if (v_mode != V_GIVEN) pack(v_q, n_bytes, v_codes + byte0);
+        if (v_mode != V_FACTORED) pack(v_q, n_bytes, v_codes + byte0);
     }
     free(scratch);
     return 0;
@@ -228,5 +239,32 @@ int adamw_fp32_states(int64_t n_tensors, void *const *params, const int *param_d
             store_param(params[t], param_dtypes[t], e0, n, p);
         }
     }
+    return 0;
+}
+
+/* AdamW4bitFactor's statistics pass over flat rows [row_begin, row_end) of a stack of (n_rows, n_cols) gradient
+   slices: row_sums[fr] = sum_c g^2 of each of those rows, in fp64 (exact products, summed in column order), and
+   the column sums of each group of group_rows rows into its own row of col_sums (n_groups x slices n_cols, zeroed
+   by the caller; a range holds whole groups), so that the caller adds the groups in a fixed order whatever the
+   threads; *grad_max: the largest |g| of the range (NaN when one is NaN). Returns 0. */
+int adamw4bit_squared_sums(const void *grad, int grad_dtype, int64_t row_begin, int64_t row_end, int64_t n_rows,
+                           int64_t n_cols, int64_t group_rows, int64_t slices, double *row_sums, double *col_sums,
+                           float *grad_max) {
+    float g[SEGMENT], g_max = 0.0f;
+    for (int64_t r = row_begin; r < row_end; r++) {
+        double row_sum = 0.0, *cols = col_sums + (r / group_rows) * slices * n_cols + (r / n_rows) * n_cols;
+        for (int64_t c0 = 0; c0 < n_cols; c0 += SEGMENT) {
+            int64_t n = n_cols - c0 < SEGMENT ? n_cols - c0 : SEGMENT;
+            load_fp32(grad, grad_dtype, r * n_cols + c0, n, g);
+            for (int64_t i = 0; i < n; i++) {
+                double squared = (double)g[i] * (double)g[i];
+                row_sum += squared;
+                cols[c0 + i] += squared;
+                g_max = max_nan(g_max, g[i] < 0.0f ? -g[i] : g[i]);
+            }
+        }
+        row_sums[r] = row_sum;
+    }
+    *grad_max = g_max;
     return 0;
 }

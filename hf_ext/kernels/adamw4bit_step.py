@@ -31,8 +31,8 @@ launch per 64 tensors on CUDA (``_adamw_fp32_kernel``, the same ops in registers
   call per range of blocks on torch's thread count, with a first pass for the rank-1 statistics as on the GPU
   (``rank1_next_statistics_cpu``); bit for bit the twin's results, vectorised by the compiler.
   ``adamw4bit_step_factored`` is the step of ``AdamW4bitFactor``'s tensors: 4-bit m with v = (R / mean R)_i C_j,
-  formed in the Triton kernel's registers on CUDA (``squared_means``, one Triton pass, gives R and C their inputs),
-  given as a tensor to the C kernel (``adamw4bit_step_given_v``) on the CPU.
+  formed element by element in the Triton or C kernel (no full-size v in memory); ``squared_means``, one Triton or
+  C pass over g, gives R and C their inputs and the largest |g|.
 
 Dispatch (``adamw4bit_step``): Triton for contiguous CUDA tensors when triton imports, the C kernel for contiguous
 fp32/bf16/fp16 CPU tensors when it builds, the twin elsewhere (rank-1 v with more than two non-singleton dimensions
@@ -63,12 +63,9 @@ STATS_TILE = (16, 128)  # (rows, columns) of v each program of the rank-1 statis
 SUM_ROW_TILES = 8  # STATS_TILEs one program of the factored statistics pass sums down a column strip
 MAX_TENSORS_PER_LAUNCH = 64  # tensors one launch of the Triton kernels steps
 CPU_CHUNK_ELEMENTS = 1 << 16  # the fewest elements one thread of the C kernel takes
-V_BLOCK, V_RANK1, V_GIVEN, V_FACTORED = (
-    0,
-    1,
-    2,
-    3,
-)  # v modes: block-wise, rank-1 (both kernels), given (C), factored (Triton)
+SUM_GROUPS = 64  # the most row groups whose column sums the C statistics pass keeps apart (then adds in order)
+SUM_GROUP_ROWS = 256  # the fewest rows of such a group: their fp64 column sums cost <= 1/32 B per element each way
+V_BLOCK, V_RANK1, V_FACTORED = 0, 1, 3  # the kernels' v modes: block-wise, rank-1, factored
 
 
 @dataclass(frozen=True)
@@ -207,34 +204,11 @@ def _path(job: "StepJob", v_rank1: bool) -> str:
     return "cpu" if fits and _cpu_kernel(job.param, job.grad) is not None else "torch"
 
 
-def adamw4bit_step_given_v(param, grad, m_codes, m_absmax, v, scalars: StepScalars, block_size: int) -> None:
-    """One AdamW step with 4-bit block-wise m and a second moment ``v`` computed by the caller (``AdamW4bitFactor``'s
-    factored v), in place: ``step_quantized_m`` then ``stepped_param``, fused in the C kernel on the CPU.
-
-    Args:
-        param: the parameter, N elements, fp32, bf16 or fp16; overwritten with the stepped value in its dtype.
-        grad: its gradient, the shape of ``param`` (any float dtype, upcast to fp32).
-        m_codes: uint8 (ceil(N / 2),) packed DE-map codes of m; m_absmax: fp32 (ceil(N / block_size),); rewritten.
-        v: fp32, N elements: this step's second moment (not quantized, not written).
-        scalars: the step's hyper-parameters; block_size: elements per m block, even.
-    """
-    if param.is_contiguous() and _cpu_kernel(param, grad) is not None:
-        _run_cpu_blocks(
-            param, grad.contiguous(), m_codes, m_absmax, block_size, V_GIVEN, scalars, v_given=v.contiguous()
-        )
-        return
-    m = step_quantized_m(m_codes, m_absmax, grad.float(), scalars, block_size)
-    param.copy_(stepped_param([param.float()], [m.view_as(param)], [v.view_as(param)], [scalars])[0])
-
-
-# The element-wise ops of the update on lists of tensors (one multi-tensor launch per op on CUDA: an optimizer's many
-# small fp32-state tensors step together); ``scalars`` holds each tensor's ``StepScalars``.
-
-
 def adamw4bit_step_factored(param, grad, m_codes, m_absmax, ratio, col, scalars: StepScalars, block_size: int) -> None:
     """``AdamW4bitFactor``'s step of a factored tensor, in place: 4-bit block-wise m with this step's v =
-    ``factored_v(ratio, col)``, formed element by element in the Triton kernel on CUDA (no full-size v in memory),
-    as a tensor for ``adamw4bit_step_given_v`` elsewhere; the same v bits either way.
+    ``factored_v(ratio, col)``, formed element by element in the Triton kernel on CUDA and the C kernel on the CPU
+    (no full-size v in memory), by the twin (``step_quantized_m``, ``stepped_param``) elsewhere; the same v bits
+    every way.
 
     Args:
         param: the parameter, (..., R, C), fp32, bf16 or fp16; overwritten with the stepped value in its dtype.
@@ -243,12 +217,19 @@ def adamw4bit_step_factored(param, grad, m_codes, m_absmax, ratio, col, scalars:
         ratio: fp32 (..., R), R / mean(R) of the new row statistics; col: fp32 (..., C), the new column statistics.
         scalars: the step's hyper-parameters; block_size: elements per m block, a power of two >= 2.
     """
+    factors = [ratio.contiguous().view(-1), col.contiguous().view(-1)]
     if param.is_contiguous() and use_triton(param, "adamw4bit_step"):
-        factors = [ratio.contiguous().view(-1), col.contiguous().view(-1)]
         job = StepJob(param, grad.contiguous(), m_codes, m_absmax, m_codes, factors, scalars, factored=ratio.shape[-1])
         adamw4bit_steps_triton([job], block_size, False)
-        return
-    adamw4bit_step_given_v(param, grad, m_codes, m_absmax, factored_v(ratio, col), scalars, block_size)
+    elif param.is_contiguous() and _cpu_kernel(param, grad) is not None:
+        _run_cpu_blocks(
+            param, grad.contiguous(), m_codes, m_absmax, block_size, V_FACTORED, scalars,
+            old_row=factors[0], old_col=factors[1], n_rows=ratio.shape[-1],
+        )  # fmt: skip
+    else:
+        m = step_quantized_m(m_codes, m_absmax, grad.float(), scalars, block_size)
+        v = factored_v(ratio, col)
+        param.copy_(stepped_param([param.float()], [m.view_as(param)], [v.view_as(param)], [scalars])[0])
 
 
 def factored_v(ratio: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
@@ -258,22 +239,46 @@ def factored_v(ratio: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
 
 def squared_means(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The means of g^2 over the last dimension and over the second-to-last, in fp32: what AdamW4bitFactor's row and
-    column statistics average. One Triton pass over g for contiguous CUDA tensors (per-tile partial sums, summed in a
-    fixed order: deterministic, another summation order than the twin's), which also gives the largest |g|; the twin
-    elsewhere.
+    column statistics average (``squared_sums`` divided by C and R in fp64, rounded to fp32 once, as a sharded
+    tensor's means are formed from its summed shards).
 
     Args:
         grad: (..., R, C), any float dtype.
 
     Returns:
-        (fp32 (..., R), fp32 (..., C), the 0-d fp32 largest |g| from the Triton pass (not finite exactly when a g is
-        not; NaN reads as inf), or None from the twin).
+        (fp32 (..., R), fp32 (..., C), the largest |g| as ``squared_sums`` gives it).
     """
-    if grad.numel() and grad.is_contiguous() and use_triton(grad, "adamw4bit_step"):
-        return _squared_means_triton(grad)
+    row_sums, col_sums, grad_max = squared_sums(grad)
+    n_rows, n_cols = grad.shape[-2:]
+    return (row_sums.double() / n_cols).float(), (col_sums.double() / n_rows).float(), grad_max
+
+
+def squared_sums(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The sums of g^2 over the last dimension and over the second-to-last. One pass over g for contiguous tensors,
+    which also gives the largest |g|: Triton on CUDA (fp32 per-tile partial sums, added in a fixed order), C on the
+    CPU (fp64 sums of the exact squares, row groups added in a fixed order, ``_squared_sums_cpu``); both
+    deterministic, in another summation order than the twin's (fp32 torch sums), which runs elsewhere.
+
+    Args:
+        grad: (..., R, C), any float dtype.
+
+    Returns:
+        ((..., R) and (..., C) sums, fp64 from the C pass, fp32 otherwise; the 0-d fp32 largest |g| from the Triton
+        or C pass (not finite exactly when a g is not; NaN reads as inf in Triton, as NaN in C), or None from the
+        twin).
+    """
+    if grad.numel() and grad.is_contiguous():
+        if use_triton(grad, "adamw4bit_step"):
+            return _squared_sums_triton(grad)
+        if _cpu_kernel(grad, grad) is not None:
+            return _squared_sums_cpu(grad)
     g = grad.float()
     squared = g * g
-    return squared.mean(dim=-1), squared.mean(dim=-2), None
+    return squared.sum(dim=-1), squared.sum(dim=-2), None
+
+
+# The element-wise ops of the update on lists of tensors (one multi-tensor launch per op on CUDA: an optimizer's many
+# small fp32-state tensors step together); ``scalars`` holds each tensor's ``StepScalars``.
 
 
 def next_m(ms: list[torch.Tensor], grads: list[torch.Tensor], scalars: list[StepScalars]) -> list[torch.Tensor]:
@@ -515,16 +520,44 @@ def rank1_next_statistics_cpu(grad, v_codes, v_scales: list[torch.Tensor], scala
     return [new_row, col_maxima.amax(dim=0)], grad_maxima.amax()
 
 
+def _squared_sums_cpu(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``squared_sums`` of a contiguous CPU gradient in the C kernel (``adamw4bit_squared_sums``): ranges of whole
+    row groups on threads, each row's sum and each group's column sums in fp64, the groups added in order; the same
+    bits for any thread count."""
+    library = _cpu_kernel(grad, grad)
+    *batch, n_rows, n_cols = grad.shape
+    slices = math.prod(batch)
+    flat_rows = slices * n_rows
+    group_rows = max(SUM_GROUP_ROWS, math.ceil(flat_rows / SUM_GROUPS))
+    n_groups = math.ceil(flat_rows / group_rows)
+    row_sums = torch.empty(flat_rows, dtype=torch.float64)
+    col_sums = torch.zeros(n_groups, slices * n_cols, dtype=torch.float64)
+    groups = cpu_library.chunks(n_groups, max(1, CPU_CHUNK_ELEMENTS // (group_rows * n_cols)))
+    ranges = [(begin * group_rows, min(end * group_rows, flat_rows)) for begin, end in groups]
+    grad_maxima = torch.zeros(len(ranges))
+    g, rows_out, cols_out = _pointers([grad, row_sums, col_sums])  # the tensors stay referenced here
+
+    def call(index: int, begin: int, end: int) -> None:
+        _checked(library.adamw4bit_squared_sums(
+            g, cpu_library.DTYPE_CODES[grad.dtype], begin, end, n_rows, n_cols, group_rows, slices, rows_out,
+            cols_out, grad_maxima[index].data_ptr(),
+        ))  # fmt: skip
+
+    cpu_library.run_chunks(call, ranges)
+    return row_sums.view(*batch, n_rows), col_sums.sum(0).view(*batch, n_cols), grad_maxima.amax()
+
+
 def _run_cpu_blocks(
     param, grad, m_codes, m_absmax, block_size, v_mode, scalars, v_codes=None, v_absmax=None,
-    old_row=None, old_col=None, new_row=None, new_col=None, v_given=None,
+    old_row=None, old_col=None, new_row=None, new_col=None, n_rows=1,
 ) -> None:  # fmt: skip
-    """``adamw4bit_blocks`` of the C kernel over all blocks of ``param``, in ranges on threads."""
+    """``adamw4bit_blocks`` of the C kernel over all blocks of ``param``, in ranges on threads (``n_rows``: R of a
+    factored v's (R, C) slices)."""
     if block_size < 2 or block_size % 2:
         raise ValueError(f"the C kernel needs an even block_size >= 2, got {block_size}")
     library, numel = _cpu_kernel(param, grad), param.numel()
-    n_cols = old_col.numel() if old_col is not None else 1
-    state = [m_codes, m_absmax, v_codes, v_absmax, old_row, old_col, new_row, new_col, v_given]
+    n_cols = param.shape[-1] if v_mode == V_FACTORED else (old_col.numel() if old_col is not None else 1)
+    state = [m_codes, m_absmax, v_codes, v_absmax, old_row, old_col, new_row, new_col]
     books = [quant4.dynamic_exponent_map("cpu"), _midpoints("de", param.device), quant4.linear_map("cpu")]
     tensors = [param, grad, *state, *books, _midpoints("linear", param.device), _scalar_array(scalars)]
     p, g, *addresses, scalar_array = _pointers(tensors)  # built here, once: the tensors stay referenced
@@ -532,7 +565,7 @@ def _run_cpu_blocks(
     def call(_: int, begin: int, end: int) -> None:
         _checked(library.adamw4bit_blocks(
             p, cpu_library.DTYPE_CODES[param.dtype], g, cpu_library.DTYPE_CODES[grad.dtype], *addresses,
-            numel, begin, end, block_size, n_cols, v_mode, scalar_array,
+            numel, begin, end, block_size, n_rows, n_cols, v_mode, scalar_array,
         ))  # fmt: skip
 
     blocks = quant4.num_blocks(numel, block_size)
@@ -589,10 +622,12 @@ def _warn_no_fp16() -> None:
 
 def _declare_types(library) -> None:
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    library.adamw4bit_blocks.argtypes = [ptr, i32, ptr, i32, *[ptr] * 13, i64, i64, i64, i32, i64, i32, ptr]
+    library.adamw4bit_blocks.argtypes = [ptr, i32, ptr, i32, *[ptr] * 12, i64, i64, i64, i32, i64, i64, i32, ptr]
     library.adamw4bit_blocks.restype = i32
     library.adamw4bit_rank1_stats.argtypes = [ptr, i32, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
     library.adamw4bit_rank1_stats.restype = i32
+    library.adamw4bit_squared_sums.argtypes = [ptr, i32, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr]
+    library.adamw4bit_squared_sums.restype = i32
     library.adamw_fp32_states.argtypes = [i64, *[ptr] * 8]
     library.adamw_fp32_states.restype = i32
     library.adamw4bit_has_fp16.argtypes = []
@@ -762,10 +797,10 @@ def _launch_table(jobs: list[StepJob], block_size: int, v_rank1: bool, grad_maxi
     return table
 
 
-def _squared_means_triton(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``squared_means`` in one Triton pass: each program squares a strip of ``SUM_ROW_TILES`` tiles of
+def _squared_sums_triton(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``squared_sums`` in one Triton pass: each program squares a strip of ``SUM_ROW_TILES`` tiles of
     ``STATS_TILE`` of one (R, C) slice in fp32 and writes each tile's row sums and the strip's column sums, then
-    merges its largest |g| with an atomic max; the partial sums are added in a fixed order and divided."""
+    merges its largest |g| with an atomic max; the partial sums are added in a fixed order."""
     *batch, n_rows, n_cols = grad.shape
     slices = math.prod(batch)
     tile_rows, tile_cols = STATS_TILE
@@ -777,8 +812,7 @@ def _squared_means_triton(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         grad, row_parts, col_parts, grad_max, n_rows, n_cols, slices,
         BLOCK_R=tile_rows, BLOCK_C=tile_cols, ROW_TILES=SUM_ROW_TILES, **TWIN_ROUNDING,
     )  # fmt: skip
-    rows, cols = (row_parts.sum(0) / n_cols).view(*batch, n_rows), (col_parts.sum(0) / n_rows).view(*batch, n_cols)
-    return rows, cols, grad_max
+    return row_parts.sum(0).view(*batch, n_rows), col_parts.sum(0).view(*batch, n_cols), grad_max
 
 
 def _rank1_pass_triton(jobs: list[StepJob]) -> list[torch.Tensor]:

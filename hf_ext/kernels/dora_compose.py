@@ -83,12 +83,14 @@ def compose_forward_torch(result, base, bias, lora, g, scaling: float, save_inne
     out_dtype, inner_dtype = _out_dtype(result, base, lora), _inner_dtype(result, base, lora, bias)
     if base is None:
         summed = _sum(result, lora, scaling, cdt)  # result + s lora
-        out = summed * gc
-        if bias is not None:
+        if bias is None:
+            inner = summed
+            out = summed * gc
+        else:
             bias_c = bias.to(cdt)
-            out.add_((1 - gc) * bias_c)
-            summed.sub_(bias_c)  # inner = (result - bias) + s lora
-        return out.to(out_dtype), (summed.to(inner_dtype) if save_inner else None)
+            inner = torch.sub(result, bias_c).add_(lora, alpha=scaling) if save_inner else None  # base + s lora
+            out = summed.mul_(gc).add_((1 - gc) * bias_c)
+        return out.to(out_dtype), (inner.to(inner_dtype) if save_inner else None)
     b, lo = base.to(cdt), lora.to(cdt)
     out = torch.addcmul(result.to(cdt), gc - 1, b).addcmul_(gc * scaling, lo).to(out_dtype)  # two passes
     inner = torch.add(b, lo, alpha=scaling).to(inner_dtype) if save_inner else None

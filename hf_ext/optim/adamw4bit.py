@@ -43,9 +43,9 @@ optimizers, layouts other than the one the saved settings give the parameter, an
 (``state_value_problem``). Rounding is deterministic, so a resumed run is bit-identical to an uninterrupted one.
 
 Every gradient is checked for NaN and Inf before anything is updated (``nonfinite_grads``): a tensor with a 4-bit
-rank-1 v that a compiled kernel steps (from its first step), or a factored v on CUDA, is checked through the largest
-|g| of its step's statistics pass, run for all such tensors ahead of the steps; the others by one multi-tensor
-inf-norm over their gradients.
+rank-1 v that a compiled kernel steps (from its first step), or a factored v of a plain tensor stepped by one, is
+checked through the largest |g| of its step's statistics pass, run for all such tensors ahead of the steps; the
+others by one multi-tensor inf-norm over their gradients.
 """
 
 import math
@@ -652,7 +652,8 @@ class AdamW4bit(Optimizer):
     def _factored_second_moment(state: dict, grad: torch.Tensor, scalars, shards=None, means=None):
         """Update R, C in place (separately rounded fp32 ops) from the means of g^2 (``fused.squared_means``, or
         ``means`` when given) and return (R / mean(R), C), the factors of the new v (``fused.factored_v``); for a 2-D
-        shard, the means over rows are sums across the shard group over the global row count."""
+        shard, the means over rows are sums across the shard group (``fused.squared_sums``) over the global row
+        count."""
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
 
         def mean_over_rows(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
@@ -666,9 +667,10 @@ class AdamW4bit(Optimizer):
             row_in, col_in = means
         elif shards is None or grad.dim() != 2:
             row_in, col_in, _ = fused.squared_means(grad)
-        else:
-            squared = grad.float() * grad.float()
-            row_in, col_in = squared.mean(dim=-1), mean_over_rows(squared, -2)
+        else:  # this shard's rows are whole: their means are local, the column sums are summed across the group
+            row_sums, col_sums = (sums.double() for sums in fused.squared_sums(grad)[:2])  # one dtype on every rank
+            shards.all_sum([col_sums])
+            row_in, col_in = (row_sums / grad.shape[-1]).float(), (col_sums / shards.rows).float()
         row.copy_(row * scalars.beta2 + scalars.one_minus_beta2 * row_in)
         col.copy_(col * scalars.beta2 + scalars.one_minus_beta2 * col_in)
         row_mean = mean_over_rows(row, -1, keepdim=True)

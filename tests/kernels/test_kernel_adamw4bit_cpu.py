@@ -16,7 +16,7 @@ from test_kernel_adamw4bit import assert_runs_equal, clone_state, optimizer_run,
 from hf_ext.kernels import adamw4bit_step as fused
 from hf_ext.kernels import cpu_library, dispatch
 from hf_ext.kernels import quant4 as quant
-from hf_ext.optim import AdamW4bit, AdamW4bitFactor
+from hf_ext.optim import AdamW4bit, AdamW4bitFactor, adamw4bit
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -144,22 +144,52 @@ def test_c_kernel_hands_the_new_statistics_to_reduce_before_choosing_codes():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_c_kernel_given_v_equals_quantized_m_then_stepped_param(dtype, many_chunks):
-    """``adamw4bit_step_given_v``: the Factor optimizer's fused step against the twin's two calls."""
-    shape = (37, 129)
+@pytest.mark.parametrize("shape", [(37, 129), (3, 20, 70)])  # blocks that cut rows; a stack of (R, C) slices
+def test_c_factored_step_equals_quantized_m_then_stepped_param(dtype, shape, many_chunks):
+    """``adamw4bit_step_factored`` in the C kernel (v = ratio_i col_j formed per element) against the twin's
+    ``step_quantized_m`` and ``stepped_param`` with ``factored_v``: parameter, m codes and scales bit for bit."""
     gen = torch.Generator().manual_seed(5)
     param = torch.randn(shape, generator=gen).to(dtype)
     m_codes, m_absmax = quant.quantize_blockwise(
         torch.randn(shape, generator=gen) * 1e-2, quant.dynamic_exponent_map(), 64
     )
     grad = (torch.randn(shape, generator=gen) * 0.1).to(dtype)
-    v = torch.rand(shape, generator=gen) * 1e-3
+    ratio, col = torch.rand(shape[:-1], generator=gen) + 0.5, torch.rand(*shape[:-2], shape[-1], generator=gen) * 1e-3
     scalars = fused.StepScalars.from_group(1e-3, 0.9, 0.999, 1e-8, 1e-2, 2)
     param_c, m_codes_c, m_absmax_c = param.clone(), m_codes.clone(), m_absmax.clone()
-    fused.adamw4bit_step_given_v(param_c, grad, m_codes_c, m_absmax_c, v, scalars, 64)
+    fused.adamw4bit_step_factored(param_c, grad, m_codes_c, m_absmax_c, ratio, col, scalars, 64)
     m = fused.step_quantized_m(m_codes, m_absmax, grad.float(), scalars, 64)
+    v = fused.factored_v(ratio, col)
     param.copy_(fused.stepped_param([param.float()], [m.view(shape)], [v], [scalars])[0])
     assert torch.equal(param_c, param) and torch.equal(m_codes_c, m_codes) and torch.equal(m_absmax_c, m_absmax)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 129), (3, 20, 70), (1, 5000), (300, 1)])
+def test_c_squared_means_are_the_fp64_means_rounded_once_for_any_thread_count(dtype, shape, monkeypatch):
+    """The C statistics pass: the means of g^2 over the last and second-to-last dimension equal the fp64 means
+    rounded to fp32 (fp64 sums of exact squares), the same bits on 1 and 3 threads (groups of 4 rows, split into
+    ranges differently); the largest |g| exact, NaN when a g is NaN, inf for an inf."""
+    monkeypatch.setattr(fused, "SUM_GROUP_ROWS", 4)
+    monkeypatch.setattr(fused, "CPU_CHUNK_ELEMENTS", 64)
+    grad = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 0.1).to(dtype)
+    squared = grad.double() ** 2
+    previous = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            runs.append(fused.squared_means(grad))
+    finally:
+        torch.set_num_threads(previous)
+    for (rows, cols, grad_max), threads in zip(runs, (1, 3), strict=True):
+        torch.testing.assert_close(rows, squared.mean(-1).float(), rtol=2.0**-23, atol=0, msg=f"{threads} threads")
+        torch.testing.assert_close(cols, squared.mean(-2).float(), rtol=2.0**-23, atol=0, msg=f"{threads} threads")
+        assert grad_max.item() == grad.float().abs().max().item()
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
+    for bad, finite in ((float("nan"), "nan"), (float("-inf"), "inf")):
+        grad.view(-1)[-1] = bad
+        assert str(fused.squared_means(grad)[2].item()) == finite
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -192,15 +222,49 @@ def test_c_fp32_state_step_equals_the_twin(dtype, grad_fp32, monkeypatch):
     assert calls == [5, 5, 5]
 
 
-@pytest.mark.parametrize("optimizer", [AdamW4bit, AdamW4bitFactor])
-def test_optimizer_through_the_c_kernel_equals_the_twin(optimizer, monkeypatch):
+def test_optimizer_through_the_c_kernel_equals_the_twin(monkeypatch):
     """Whole runs, every layout (rank-1, block-wise, 3-d rank-1 on the twin, fp32), C kernel vs twins only."""
     shapes = [(40, 130), (5000,), (2, 30, 90), (8, 8), (300, 7)]
     runs = []
     for disabled in ("1", "0"):
         monkeypatch.setenv("HF_EXT_DISABLE_CPU_KERNELS", disabled)
-        runs.append(optimizer_run(optimizer, shapes, torch.bfloat16, lr=1e-2, weight_decay=0.1))
+        runs.append(optimizer_run(AdamW4bit, shapes, torch.bfloat16, lr=1e-2, weight_decay=0.1))
     assert_runs_equal(*runs)
+
+
+def test_factor_optimizer_through_the_c_kernel_matches_the_twin(monkeypatch):
+    """AdamW4bitFactor with the C kernel against the twin: m codes and scales and the fp32-state tensors identical
+    (m does not depend on v), the factored statistics and the parameters within fp32 rounding of the means (the C
+    pass sums in fp64, the twin in fp32)."""
+    shapes = [(40, 130), (5000,), (2, 30, 90), (8, 8), (300, 7)]
+    runs = []
+    for disabled in ("1", "0"):
+        monkeypatch.setenv("HF_EXT_DISABLE_CPU_KERNELS", disabled)
+        runs.append(optimizer_run(AdamW4bitFactor, shapes, torch.float32, lr=1e-2, weight_decay=0.1))
+    (params_a, opt_a), (params_b, opt_b) = runs
+    for a, b in zip(params_a, params_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # a wrong v moves p by about lr = 1e-2
+        for key, value in opt_a.state[a].items():
+            if key in ("exp_avg_sq_row", "exp_avg_sq_col"):
+                torch.testing.assert_close(value, opt_b.state[b][key], rtol=1e-5, atol=0)
+            else:
+                assert torch.equal(value, opt_b.state[b][key]), key
+
+
+def test_factor_optimizer_checks_gradients_in_its_c_statistics_pass(monkeypatch):
+    """On the CPU too, a factored tensor's gradient is checked through the largest |g| of its statistics pass (no
+    separate read), from the first step: an inf leaves that tensor and its state as they were, the other steps."""
+    read, real = [], adamw4bit._largest_magnitudes
+    monkeypatch.setattr(adamw4bit, "_largest_magnitudes", lambda grads: read.append(len(grads)) or real(grads))
+    (a, b), opt = optimizer_run(AdamW4bitFactor, [(40, 130), (2, 30, 90)], steps=2, nonfinite_grads="skip")
+    a_before, b_before = a.detach().clone(), b.detach().clone()
+    state_before = {k: v.clone() for k, v in opt.state[a].items()}
+    a.grad, b.grad = torch.randn(a.shape), torch.randn(b.shape)
+    a.grad[7, 3] = float("inf")
+    opt.step()
+    assert read == [0, 0, 0]
+    assert torch.equal(a, a_before) and all(torch.equal(v, opt.state[a][k]) for k, v in state_before.items())
+    assert not torch.equal(b, b_before)
 
 
 def test_chunks_cover_the_range_once():
