@@ -2,12 +2,13 @@
 
    The same operations as the torch twin, in the same order, each a separately rounded fp32 operation: the module
    is built with -ffp-contract=off and without unsafe math, so the compiler may vectorise but not contract a multiply
-   and an add, and every result (parameter, codes, scales) equals the twin's bit for bit. sqrt is taken in fp64 and
+   and an add, and every result (parameter, codes, scales) equals the twin's bit for bit; only AdamW4bitFactor's sums
+   of g^2 (adamw4bit_squared_sums) are summed in fp64, another order than the twin's. sqrt is taken in fp64 and
    rounded to fp32, which is the correctly rounded fp32 sqrt (the twin's _sqrt_rn).
 
-   Work is split by the caller into ranges of quantisation blocks (or of rows, for the rank-1 statistics) that
-   threads run concurrently; no function here writes outside its range, except each rank-1 statistics call, which
-   writes its own column-maxima buffer. Tensors are contiguous; the dtype codes are those of DTYPE_CODES in
+   Work is split by the caller into ranges of quantisation blocks (or of rows, for the statistics passes) that
+   threads run concurrently; no function here writes outside its range, except the statistics calls, which write
+   their own column buffers. Tensors are contiguous; the dtype codes are those of DTYPE_CODES in
    hf_ext/kernels/cpu_library.py. */
 
 #include <stdint.h>
