@@ -284,7 +284,16 @@ def test_interpreted_fp32_state_kernel_equals_the_twin(p_dtype, grad_fp32, monke
     monkeypatch.setattr(fused, "use_triton", lambda tensor, kernel: True)
     kernel = CountingLaunches(fused._adamw_fp32_kernel)
     monkeypatch.setattr(fused, "_adamw_fp32_kernel", kernel)
-    shapes = [(1,), (1023,), (0,), (1025,), (64, 33), (4096,), (3, 5)]
+    assert_fp32_state_steps_equal_the_twin(
+        [(1,), (1023,), (0,), (1025,), (64, 33), (4096,), (3, 5)], p_dtype, grad_fp32
+    )
+    assert kernel.launches == 2 * 3
+
+
+def assert_fp32_state_steps_equal_the_twin(shapes, p_dtype, grad_fp32: bool) -> None:
+    """3 steps of ``adamw_fp32_steps`` on parameters of ``shapes`` (the last one made non-contiguous) against the
+    twin's ``adamw_fp32_steps_torch``, per-tensor scalars: parameters, m and v bit for bit equal, and every non-empty
+    parameter moved."""
     gen = torch.Generator().manual_seed(0)
     sides = []
     for _ in range(2):
@@ -297,12 +306,13 @@ def test_interpreted_fp32_state_kernel_equals_the_twin(p_dtype, grad_fp32, monke
     for step in (1, 2, 3):
         grads = [torch.randn(p.shape, generator=gen) * 10.0 ** -(i % 3) for i, p in enumerate(sides[0][0])]
         grads = [g if grad_fp32 else g.to(p_dtype) for g in grads]
-        scalars = [fused.StepScalars.from_group(0.05 * (i + 1), 0.9, 0.999, 1e-8, 1e-2, step) for i in range(7)]
+        scalars = [
+            fused.StepScalars.from_group(0.05 * (i + 1), 0.9, 0.999, 1e-8, 1e-2, step) for i in range(len(grads))
+        ]
         fused.adamw_fp32_steps(sides[0][0], grads, sides[0][1], sides[0][2], scalars)
         fused.adamw_fp32_steps_torch(sides[1][0], grads, sides[1][1], sides[1][2], scalars)
         for a, b in zip(sum(sides[0], []), sum(sides[1], []), strict=True):
             assert torch.equal(a, b)
-    assert kernel.launches == 2 * 3
     assert all(not torch.equal(p, p0) for p, p0 in zip(sides[0][0], initial, strict=True) if p.numel())
 
 

@@ -11,7 +11,13 @@ import warnings
 
 import pytest
 import torch
-from test_kernel_adamw4bit import assert_runs_equal, clone_state, optimizer_run, random_state
+from test_kernel_adamw4bit import (
+    assert_fp32_state_steps_equal_the_twin,
+    assert_runs_equal,
+    clone_state,
+    optimizer_run,
+    random_state,
+)
 
 from hf_ext.kernels import adamw4bit_step as fused
 from hf_ext.kernels import cpu_library, dispatch
@@ -203,22 +209,7 @@ def test_c_fp32_state_step_equals_the_twin(dtype, grad_fp32, monkeypatch):
         fused, "_adamw_fp32_steps_cpu", lambda *columns: calls.append(len(columns[0])) or real(*columns)
     )
     shapes = [(1,), (255,), (0,), (257,), (4096,), (30, 40), (3, 5)]
-    gen = torch.Generator().manual_seed(0)
-    sides = []
-    for _ in range(2):
-        params = [torch.randn(shape, generator=gen).to(dtype) for shape in shapes]
-        params[-1] = params[-1].t()  # non-contiguous
-        sides.append([params, [torch.zeros(p.shape) for p in params], [torch.zeros(p.shape) for p in params]])
-    for a, b in zip(sides[0][0], sides[1][0], strict=True):
-        b.copy_(a)
-    for step in (1, 2, 3):
-        grads = [torch.randn(p.shape, generator=gen) * 10.0 ** -(i % 3) for i, p in enumerate(sides[0][0])]
-        grads = [g if grad_fp32 else g.to(dtype) for g in grads]
-        scalars = [fused.StepScalars.from_group(0.05 * (i + 1), 0.9, 0.999, 1e-8, 1e-2, step) for i in range(7)]
-        fused.adamw_fp32_steps(sides[0][0], grads, sides[0][1], sides[0][2], scalars)
-        fused.adamw_fp32_steps_torch(sides[1][0], grads, sides[1][1], sides[1][2], scalars)
-        for a, b in zip(sum(sides[0], []), sum(sides[1], []), strict=True):
-            assert torch.equal(a, b)
+    assert_fp32_state_steps_equal_the_twin(shapes, dtype, grad_fp32)
     assert calls == [5, 5, 5]
 
 
