@@ -477,7 +477,7 @@ class AdamW4bit(Optimizer):
         - a 4-bit rank-1 v stepped by a compiled kernel (plain or row-sharded tensor): its ``StepJob`` for this step
           with the new statistics (``fused.rank1_statistics_pass``; its g and old v codes read once). On a first step
           the job is built on a fresh state (zero m and v), kept aside until the parameter steps;
-        - a factored v of a plain tensor: the means of g^2 (``fused.squared_means``; |g|max from its Triton pass).
+        - a factored v of a plain tensor: the means of g^2 (``fused.squared_means``; |g|max from its Triton or C pass).
 
         Nothing in ``self.state`` changes here."""
         prepared: list = [None] * len(work)
