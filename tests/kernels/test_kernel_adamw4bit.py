@@ -126,11 +126,17 @@ def test_interpreted_optimizer_skips_a_nonfinite_rank1_tensor_found_by_the_stati
 def test_interpreted_factor_optimizer_checks_gradients_in_its_statistics_pass(monkeypatch):
     """Through the Triton branch, AdamW4bitFactor checks a factored tensor through the largest |g| of its statistics
     pass (no separate read): an inf leaves that tensor and its state as they were, the other one steps."""
+    monkeypatch.setattr(fused, "use_triton", lambda tensor, kernel: True)
+    assert_factor_checks_gradients_in_its_statistics_pass(monkeypatch)
+
+
+def assert_factor_checks_gradients_in_its_statistics_pass(monkeypatch) -> None:
+    """Two factored tensors, 2 steps, then an inf in the first one's gradient: no step reads a gradient apart from
+    the statistics pass, the first tensor and its state stay as they were, the second steps."""
     from hf_ext.optim import AdamW4bitFactor
 
     read, real = [], adamw4bit._largest_magnitudes
     monkeypatch.setattr(adamw4bit, "_largest_magnitudes", lambda grads: read.append(len(grads)) or real(grads))
-    monkeypatch.setattr(fused, "use_triton", lambda tensor, kernel: True)
     (a, b), opt = optimizer_run(AdamW4bitFactor, [(40, 130), (2, 30, 90)], steps=2, nonfinite_grads="skip")
     a_before, b_before = a.detach().clone(), b.detach().clone()
     state_before = {k: v.clone() for k, v in opt.state[a].items()}
@@ -196,12 +202,18 @@ def test_interpreted_factor_optimizer_through_the_kernels_matches_the_twin(monke
     for force in (False, True):
         monkeypatch.setattr(fused, "use_triton", lambda tensor, kernel, force=force: force)
         runs.append(optimizer_run(AdamW4bitFactor, [(40, 130), (5000,), (2, 30, 90)]))
-    (params_a, opt_a), (params_b, opt_b) = runs
+    assert_factor_runs_match(*runs, rtol=1e-6, atol=1e-7)  # a last-ulp flip; a wrong v moves p by ~lr
+
+
+def assert_factor_runs_match(run_a, run_b, rtol: float, atol: float) -> None:
+    """Two AdamW4bitFactor runs whose means of g^2 were summed in different orders: parameters within (rtol, atol),
+    the factored statistics within rtol, every other state entry (m codes and scales, fp32 states) identical."""
+    (params_a, opt_a), (params_b, opt_b) = run_a, run_b
     for a, b in zip(params_a, params_b, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # a last-ulp flip; a wrong v moves p by ~lr
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
         for key, value in opt_a.state[a].items():
             if key in ("exp_avg_sq_row", "exp_avg_sq_col"):
-                torch.testing.assert_close(value, opt_b.state[b][key], rtol=1e-6, atol=0)
+                torch.testing.assert_close(value, opt_b.state[b][key], rtol=rtol, atol=0)
             else:
                 assert torch.equal(value, opt_b.state[b][key]), key
 

@@ -12,6 +12,8 @@ import warnings
 import pytest
 import torch
 from test_kernel_adamw4bit import (
+    assert_factor_checks_gradients_in_its_statistics_pass,
+    assert_factor_runs_match,
     assert_fp32_state_steps_equal_the_twin,
     assert_runs_equal,
     clone_state,
@@ -22,7 +24,7 @@ from test_kernel_adamw4bit import (
 from hf_ext.kernels import adamw4bit_step as fused
 from hf_ext.kernels import cpu_library, dispatch
 from hf_ext.kernels import quant4 as quant
-from hf_ext.optim import AdamW4bit, AdamW4bitFactor, adamw4bit
+from hf_ext.optim import AdamW4bit, AdamW4bitFactor
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -232,30 +234,13 @@ def test_factor_optimizer_through_the_c_kernel_matches_the_twin(monkeypatch):
     for disabled in ("1", "0"):
         monkeypatch.setenv("HF_EXT_DISABLE_CPU_KERNELS", disabled)
         runs.append(optimizer_run(AdamW4bitFactor, shapes, torch.float32, lr=1e-2, weight_decay=0.1))
-    (params_a, opt_a), (params_b, opt_b) = runs
-    for a, b in zip(params_a, params_b, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # a wrong v moves p by about lr = 1e-2
-        for key, value in opt_a.state[a].items():
-            if key in ("exp_avg_sq_row", "exp_avg_sq_col"):
-                torch.testing.assert_close(value, opt_b.state[b][key], rtol=1e-5, atol=0)
-            else:
-                assert torch.equal(value, opt_b.state[b][key]), key
+    assert_factor_runs_match(*runs, rtol=1e-5, atol=1e-6)  # a wrong v moves p by about lr = 1e-2
 
 
 def test_factor_optimizer_checks_gradients_in_its_c_statistics_pass(monkeypatch):
     """On the CPU too, a factored tensor's gradient is checked through the largest |g| of its statistics pass (no
     separate read), from the first step: an inf leaves that tensor and its state as they were, the other steps."""
-    read, real = [], adamw4bit._largest_magnitudes
-    monkeypatch.setattr(adamw4bit, "_largest_magnitudes", lambda grads: read.append(len(grads)) or real(grads))
-    (a, b), opt = optimizer_run(AdamW4bitFactor, [(40, 130), (2, 30, 90)], steps=2, nonfinite_grads="skip")
-    a_before, b_before = a.detach().clone(), b.detach().clone()
-    state_before = {k: v.clone() for k, v in opt.state[a].items()}
-    a.grad, b.grad = torch.randn(a.shape), torch.randn(b.shape)
-    a.grad[7, 3] = float("inf")
-    opt.step()
-    assert read == [0, 0, 0]
-    assert torch.equal(a, a_before) and all(torch.equal(v, opt.state[a][k]) for k, v in state_before.items())
-    assert not torch.equal(b, b_before)
+    assert_factor_checks_gradients_in_its_statistics_pass(monkeypatch)
 
 
 def test_chunks_cover_the_range_once():
